@@ -1,0 +1,288 @@
+//! The agent's API over its Unix socket: HTTP/1.1 with JSON bodies. These types are the wire
+//! contract between the agent and the CLI; the `*Json` shapes are exactly PRODUCT.md's.
+//!
+//! Routes (all under `/v1`):
+//! - `GET /bans?source=S&offset=N&limit=N` -> `[BanJson]` (paged so 1M bans never sit in one
+//!   buffer), `POST /bans` `BanAddRequest` -> `[BanJson]`, `DELETE /bans` `RemoveRequest` ->
+//!   `RemoveResponse`
+//! - `GET /allow` -> `[AllowJson]`, `POST /allow` `AllowAddRequest` -> `AllowJson`,
+//!   `DELETE /allow` `RemoveRequest` -> `RemoveResponse`
+//! - `GET /stats` -> `StatsJson`, `GET /top?n=N` -> `[TopJson]`, `GET /flows?addr=IP` ->
+//!   `[FlowJson]`, `GET /status` -> `StatusJson`
+//! - `POST /import` `ImportRequest` -> `ImportResponse`, `POST /detach` -> `{}`
+//!
+//! Errors: a non-2xx status with `ApiError` as the body; `kind` maps to the CLI's exit code.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AllowSource, BanSource, Mode};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanJson {
+    pub addr: String,
+    pub prefix_len: u8,
+    pub source: BanSource,
+    pub reason: String,
+    pub mode: Mode,
+    pub hard: bool,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// RFC 3339, UTC; `null` for permanent bans.
+    pub expires_at: Option<String>,
+    pub dropped_packets: u64,
+    pub offenses: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowJson {
+    pub addr: String,
+    pub prefix_len: u8,
+    pub source: AllowSource,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketsJson {
+    pub passed: u64,
+    pub dropped: u64,
+    pub would_drop: u64,
+    pub allowlisted: u64,
+    pub preserved: u64,
+    pub unparsed: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakesJson {
+    pub valid: u64,
+    pub bad: u64,
+    pub incomplete: u64,
+    pub tls: u64,
+    pub ignored: u64,
+    pub upstream_errors: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadReasonsJson {
+    pub no_upgrade: u64,
+    pub no_connection_upgrade: u64,
+    pub no_key: u64,
+    pub bad_version: u64,
+    pub bad_method: u64,
+    pub server_rejected: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BansStatsJson {
+    pub active: u64,
+    pub created: u64,
+    pub expired: u64,
+    pub refused: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsJson {
+    pub packets: PacketsJson,
+    pub handshakes: HandshakesJson,
+    pub bad_reasons: BadReasonsJson,
+    pub bans: BansStatsJson,
+    pub events_lost: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceJson {
+    pub name: String,
+    /// `native` or `generic` (or `netlink-native`/`netlink-generic` when aya fell back to a
+    /// netlink attachment that cannot be pinned).
+    pub xdp_mode: String,
+    pub xdp_prog_id: u32,
+    /// `tcx` or `clsact`, or `none`.
+    pub tc_egress: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanMapJson {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusJson {
+    pub version: String,
+    pub mode: Mode,
+    pub uptime_s: u64,
+    pub pinned: bool,
+    pub interfaces: Vec<InterfaceJson>,
+    pub ban_map: BanMapJson,
+}
+
+/// A row of `wsguard top`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopJson {
+    pub addr: String,
+    pub bad_handshakes: u64,
+    pub dropped_packets: u64,
+    pub banned: bool,
+}
+
+/// A row of `wsguard flows`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowJson {
+    pub client: String,
+    pub client_port: u16,
+    pub server: String,
+    pub server_port: u16,
+    /// `valid|bad|incomplete|tls|ignored`.
+    pub verdict: String,
+    pub reason: Option<String>,
+    /// `handshake|answered|established`.
+    pub state: String,
+    /// Established before a ban of its client: its packets keep passing.
+    pub preserved: bool,
+    pub age_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanAddRequest {
+    pub addrs: Vec<String>,
+    /// Seconds; `None` with `permanent == false` means the agent's `ban_ttl`.
+    pub ttl_s: Option<u64>,
+    pub permanent: bool,
+    pub reason: Option<String>,
+    pub observe: bool,
+    pub hard: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowAddRequest {
+    pub addr: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub removed: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportEntry {
+    pub addr: String,
+    pub ttl_s: Option<u64>,
+    pub permanent: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    pub entries: Vec<ImportEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportResponse {
+    pub imported: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad request or value (CLI exit 2).
+    Invalid,
+    /// Refused by policy: allowlisted, `/0`, map full (CLI exit 3).
+    Refused,
+    /// Peer not allowed to mutate, or anything else that failed (CLI exit 1).
+    Denied,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Invalid => 2,
+            Self::Refused => 3,
+            Self::Denied | Self::Internal => 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Invalid,
+            message: m.into(),
+        }
+    }
+    pub fn refused(m: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Refused,
+            message: m.into(),
+        }
+    }
+    pub fn denied(m: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Denied,
+            message: m.into(),
+        }
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Internal,
+            message: m.into(),
+        }
+    }
+}
+
+/// Counts behind the metrics endpoint that `StatsJson` does not carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    pub stats: StatsJson,
+    /// Active bans per source (every source present, zero included).
+    pub bans_active: Vec<(BanSource, u64)>,
+    /// Bans created since start per source.
+    pub bans_created: Vec<(BanSource, u64)>,
+    /// Refused ban requests by reason: `allowlisted`, `full`, `rate_limited`.
+    pub bans_refused: Vec<(String, u64)>,
+    pub ban_map_entries: u64,
+    pub ban_map_capacity: u64,
+    /// Interfaces whose XDP attachment fell back to netlink (cannot be pinned).
+    pub netlink_fallbacks: u64,
+    /// The circuit breaker switched automatic bans to observe.
+    pub breaker_open: bool,
+}
+
+/// What the API server asks of the agent. The server authenticates the peer (SO_PEERCRED)
+/// and writes the audit log; implementations only decide and apply.
+pub trait Backend: Send + Sync + 'static {
+    fn ban_add(&self, req: BanAddRequest) -> Result<Vec<BanJson>, ApiError>;
+    fn ban_rm(&self, req: RemoveRequest) -> Result<RemoveResponse, ApiError>;
+    fn ban_list(
+        &self,
+        source: Option<BanSource>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<BanJson>, ApiError>;
+    fn allow_add(&self, req: AllowAddRequest) -> Result<AllowJson, ApiError>;
+    fn allow_rm(&self, req: RemoveRequest) -> Result<RemoveResponse, ApiError>;
+    fn allow_list(&self) -> Result<Vec<AllowJson>, ApiError>;
+    fn stats(&self) -> Result<StatsJson, ApiError>;
+    fn top(&self, n: usize) -> Result<Vec<TopJson>, ApiError>;
+    fn flows(&self, addr: Option<std::net::IpAddr>) -> Result<Vec<FlowJson>, ApiError>;
+    fn status(&self) -> Result<StatusJson, ApiError>;
+    fn import(&self, req: ImportRequest) -> Result<ImportResponse, ApiError>;
+    fn detach(&self) -> Result<(), ApiError>;
+    fn metrics(&self) -> Result<MetricsSnapshot, ApiError>;
+    /// `/readyz`: programs attached and the state loaded.
+    fn ready(&self) -> bool;
+}

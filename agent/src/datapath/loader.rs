@@ -1,0 +1,150 @@
+//! Loading the embedded object: which maps are pinned where, their sizes, and whether the
+//! pinned maps still match what this build would create.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{SchedClassifier, Xdp},
+};
+use wsguard_common::maps::{BanValue, Config, FlowKey, FlowValue, RateValue, names, programs};
+
+use super::DataPathError;
+use crate::bpf::OBJECT;
+
+/// Maps shared across program generations, pinned under `maps/`. `SCRATCH` is left out on
+/// purpose: it is per-program working memory, and a fresh one per load means its layout can
+/// change freely between builds.
+pub const PINNED_MAPS: [&str; 12] = [
+    names::CONFIG,
+    names::PORTS,
+    names::COUNTERS,
+    names::BANS_V4,
+    names::BANS_V6,
+    names::BAN_CIDRS_V4,
+    names::BAN_CIDRS_V6,
+    names::ALLOW_V4,
+    names::ALLOW_V6,
+    names::FLOWS,
+    names::RATES,
+    names::BURSTS,
+];
+
+pub const BAN_MAPS: [&str; 4] = [
+    names::BANS_V4,
+    names::BANS_V6,
+    names::BAN_CIDRS_V4,
+    names::BAN_CIDRS_V6,
+];
+
+/// FNV-1a of the object: stable across compilers, so two agent binaries carrying the same
+/// kernel object agree that the running program is theirs.
+pub fn build_id() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Load the object (maps created, or reused from `map_dir` when pinned there) and both
+/// programs into the kernel, unattached.
+pub fn load(map_dir: Option<&Path>, max_bans: u32) -> Result<Ebpf, DataPathError> {
+    let mut loader = EbpfLoader::new();
+    for name in BAN_MAPS {
+        loader.map_max_entries(name, max_bans);
+    }
+    if let Some(dir) = map_dir {
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| DataPathError::Other(format!("load the BPF object: {e}")))?;
+    let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
+    xdp.load().map_err(|e| {
+        DataPathError::Other(format!("the verifier rejected {}: {e:?}", programs::XDP))
+    })?;
+    let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC_EGRESS)?;
+    tc.load().map_err(|e| {
+        DataPathError::Other(format!(
+            "the verifier rejected {}: {e:?}",
+            programs::TC_EGRESS
+        ))
+    })?;
+    Ok(ebpf)
+}
+
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DataPathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataPathError::Other(format!("program {name} missing from the object")))?;
+    p.try_into()
+        .map_err(|_| DataPathError::Other(format!("program {name} has an unexpected type")))
+}
+
+/// Why the maps pinned in `dir` cannot be reused by this build as they are, if they cannot:
+/// a key or value size differs, or the ban maps were sized for another `--max-bans`.
+pub fn pinned_mismatch(dir: &Path, max_bans: u32) -> Option<String> {
+    let sizes = |k: usize, v: usize| (k as u32, v as u32);
+    let lpm = |k: usize| 4 + k;
+    let expected: [(&str, (u32, u32), Option<u32>); 11] = [
+        (names::CONFIG, sizes(4, size_of::<Config>()), None),
+        (names::PORTS, sizes(4, 1), None),
+        (names::COUNTERS, sizes(4, 8), None),
+        (
+            names::BANS_V4,
+            sizes(4, size_of::<BanValue>()),
+            Some(max_bans),
+        ),
+        (
+            names::BANS_V6,
+            sizes(16, size_of::<BanValue>()),
+            Some(max_bans),
+        ),
+        (
+            names::BAN_CIDRS_V4,
+            sizes(lpm(4), size_of::<BanValue>()),
+            Some(max_bans),
+        ),
+        (
+            names::BAN_CIDRS_V6,
+            sizes(lpm(16), size_of::<BanValue>()),
+            Some(max_bans),
+        ),
+        (names::ALLOW_V4, sizes(lpm(4), 4), None),
+        (names::ALLOW_V6, sizes(lpm(16), 4), None),
+        (
+            names::FLOWS,
+            sizes(size_of::<FlowKey>(), size_of::<FlowValue>()),
+            None,
+        ),
+        (names::RATES, sizes(16, size_of::<RateValue>()), None),
+    ];
+    for (name, (key, value), max) in expected {
+        let info = match MapInfo::from_pin(dir.join(name)) {
+            Ok(i) => i,
+            Err(e) => return Some(format!("{name}: not pinned ({e})")),
+        };
+        if (info.key_size(), info.value_size()) != (key, value) {
+            return Some(format!(
+                "{name}: key/value {}/{} bytes, this build uses {key}/{value}",
+                info.key_size(),
+                info.value_size()
+            ));
+        }
+        if let Some(max) = max.filter(|m| *m != info.max_entries()) {
+            return Some(format!(
+                "{name}: {} entries, --max-bans asks for {max}",
+                info.max_entries()
+            ));
+        }
+    }
+    if MapInfo::from_pin(dir.join(names::BURSTS)).is_err() {
+        return Some(format!("{}: not pinned", names::BURSTS));
+    }
+    None
+}

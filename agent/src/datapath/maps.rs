@@ -1,0 +1,323 @@
+//! Typed handles on every map the agent reads or writes, and the operations on them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+    lpm_trie::Key,
+};
+use wsguard_common::maps::{
+    BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, FlowValue, RateValue, names,
+};
+
+use super::DataPathError;
+use crate::addr::Cidr;
+
+/// Upper bound on entries visited in one walk of an LRU map: a hash map that changes under
+/// `get_next_key` can restart from its first key, so an unbounded walk could spin.
+/// Larger than any LRU map the kernel crate declares (FLOWS: 262144).
+pub const LRU_WALK: usize = 1 << 20;
+
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub ports: Array<MapData, u8>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub bans_v4: HashMap<MapData, [u8; 4], BanValue>,
+    pub bans_v6: HashMap<MapData, [u8; 16], BanValue>,
+    pub cidrs_v4: LpmTrie<MapData, [u8; 4], BanValue>,
+    pub cidrs_v6: LpmTrie<MapData, [u8; 16], BanValue>,
+    pub allow_v4: LpmTrie<MapData, [u8; 4], u32>,
+    pub allow_v6: LpmTrie<MapData, [u8; 16], u32>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub rates: HashMap<MapData, [u8; 16], RateValue>,
+    pub bursts: RingBuf<MapData>,
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    take: &mut impl FnMut(&str) -> Result<Map, DataPathError>,
+    name: &str,
+) -> Result<T, DataPathError> {
+    T::try_from(take(name)?).map_err(|e| DataPathError::Other(format!("map {name}: {e}")))
+}
+
+impl Maps {
+    /// Build the handles from a source of maps by name (a loaded object, or pins).
+    pub fn take(
+        mut take: impl FnMut(&str) -> Result<Map, DataPathError>,
+    ) -> Result<Self, DataPathError> {
+        let t = &mut take;
+        Ok(Self {
+            config: typed(t, names::CONFIG)?,
+            ports: typed(t, names::PORTS)?,
+            counters: typed(t, names::COUNTERS)?,
+            bans_v4: typed(t, names::BANS_V4)?,
+            bans_v6: typed(t, names::BANS_V6)?,
+            cidrs_v4: typed(t, names::BAN_CIDRS_V4)?,
+            cidrs_v6: typed(t, names::BAN_CIDRS_V6)?,
+            allow_v4: typed(t, names::ALLOW_V4)?,
+            allow_v6: typed(t, names::ALLOW_V6)?,
+            flows: typed(t, names::FLOWS)?,
+            rates: typed(t, names::RATES)?,
+            bursts: typed(t, names::BURSTS)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, DataPathError> {
+        self.config.get(&0, 0).map_err(err("read CONFIG"))
+    }
+
+    pub fn write_config(&mut self, cfg: &Config) -> Result<(), DataPathError> {
+        self.config.set(0, cfg, 0).map_err(err("write CONFIG"))
+    }
+
+    /// Apply `f` to the CIDR counts in CONFIG (read-modify-write; the agent is the only writer).
+    pub fn adjust_cidr_count(
+        &mut self,
+        v4: bool,
+        f: impl Fn(u32) -> u32,
+    ) -> Result<(), DataPathError> {
+        let mut cfg = self.config()?;
+        if v4 {
+            cfg.cidr_v4 = f(cfg.cidr_v4);
+        } else {
+            cfg.cidr_v6 = f(cfg.cidr_v6);
+        }
+        self.write_config(&cfg)
+    }
+
+    pub fn get_ban(&self, cidr: &Cidr) -> Result<Option<BanValue>, DataPathError> {
+        let r = match (cidr.addr(), cidr.is_host()) {
+            (IpAddr::V4(a), true) => self.bans_v4.get(&a.octets(), 0),
+            (IpAddr::V6(a), true) => self.bans_v6.get(&a.octets(), 0),
+            (IpAddr::V4(a), false) => self
+                .cidrs_v4
+                .get(&Key::new(cidr.prefix_len().into(), a.octets()), 0),
+            (IpAddr::V6(a), false) => self
+                .cidrs_v6
+                .get(&Key::new(cidr.prefix_len().into(), a.octets()), 0),
+        };
+        optional(r).map_err(err("read a ban"))
+    }
+
+    pub fn insert_ban(&mut self, cidr: &Cidr, v: &BanValue) -> Result<(), MapError> {
+        match (cidr.addr(), cidr.is_host()) {
+            (IpAddr::V4(a), true) => self.bans_v4.insert(a.octets(), v, 0),
+            (IpAddr::V6(a), true) => self.bans_v6.insert(a.octets(), v, 0),
+            (IpAddr::V4(a), false) => {
+                self.cidrs_v4
+                    .insert(&Key::new(cidr.prefix_len().into(), a.octets()), v, 0)
+            }
+            (IpAddr::V6(a), false) => {
+                self.cidrs_v6
+                    .insert(&Key::new(cidr.prefix_len().into(), a.octets()), v, 0)
+            }
+        }
+    }
+
+    /// Whether an entry was removed.
+    pub fn remove_ban(&mut self, cidr: &Cidr) -> Result<bool, DataPathError> {
+        let r = match (cidr.addr(), cidr.is_host()) {
+            (IpAddr::V4(a), true) => self.bans_v4.remove(&a.octets()),
+            (IpAddr::V6(a), true) => self.bans_v6.remove(&a.octets()),
+            (IpAddr::V4(a), false) => self
+                .cidrs_v4
+                .remove(&Key::new(cidr.prefix_len().into(), a.octets())),
+            (IpAddr::V6(a), false) => self
+                .cidrs_v6
+                .remove(&Key::new(cidr.prefix_len().into(), a.octets())),
+        };
+        optional(r)
+            .map(|o| o.is_some())
+            .map_err(err("delete a ban"))
+    }
+
+    /// Every ban, at most `limit` per map.
+    pub fn bans(&self, limit: usize) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
+        let mut out = Vec::new();
+        for r in self.bans_v4.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BANS_V4"))?;
+            out.push((Cidr::host(Ipv4Addr::from(k).into()), v));
+        }
+        for r in self.bans_v6.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BANS_V6"))?;
+            out.push((Cidr::host(Ipv6Addr::from(k).into()), v));
+        }
+        for r in self.cidrs_v4.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BAN_CIDRS_V4"))?;
+            out.extend(net(Ipv4Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
+        }
+        for r in self.cidrs_v6.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BAN_CIDRS_V6"))?;
+            out.extend(net(Ipv6Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
+        }
+        Ok(out)
+    }
+
+    pub fn put_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
+        let p = cidr.prefix_len().into();
+        match cidr.addr() {
+            IpAddr::V4(a) => self.allow_v4.insert(&Key::new(p, a.octets()), 1, 0),
+            IpAddr::V6(a) => self.allow_v6.insert(&Key::new(p, a.octets()), 1, 0),
+        }
+        .map_err(|e| match full(&e) {
+            true => DataPathError::Other(format!("the allowlist map is full; {cidr} not added")),
+            false => DataPathError::Other(format!("add {cidr} to the allowlist: {e}")),
+        })
+    }
+
+    pub fn del_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
+        let p = cidr.prefix_len().into();
+        let r = match cidr.addr() {
+            IpAddr::V4(a) => self.allow_v4.remove(&Key::new(p, a.octets())),
+            IpAddr::V6(a) => self.allow_v6.remove(&Key::new(p, a.octets())),
+        };
+        optional(r)
+            .map(drop)
+            .map_err(err("delete an allowlist entry"))
+    }
+
+    pub fn allows(&self, limit: usize) -> Result<Vec<Cidr>, DataPathError> {
+        let mut out = Vec::new();
+        for r in self.allow_v4.keys().take(limit) {
+            let k = r.map_err(err("walk ALLOW_V4"))?;
+            out.extend(net(Ipv4Addr::from(k.data()).into(), k.prefix_len()));
+        }
+        for r in self.allow_v6.keys().take(limit) {
+            let k = r.map_err(err("walk ALLOW_V6"))?;
+            out.extend(net(Ipv6Addr::from(k.data()).into(), k.prefix_len()));
+        }
+        Ok(out)
+    }
+
+    pub fn counters(&self) -> Result<[u64; COUNTERS_LEN as usize], DataPathError> {
+        let mut out = [0u64; COUNTERS_LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(err("read COUNTERS"))?;
+            *slot = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        }
+        Ok(out)
+    }
+
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), DataPathError> {
+        let mut want = vec![0u8; 65_536];
+        for p in ports {
+            want[usize::from(*p)] = 1;
+        }
+        // Write only what changes: most of the 65536 slots stay zero.
+        for (port, w) in want.iter().enumerate() {
+            let have = self
+                .ports
+                .get(&(port as u32), 0)
+                .map_err(err("read PORTS"))?;
+            if have != *w {
+                self.ports
+                    .set(port as u32, w, 0)
+                    .map_err(err("write PORTS"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flows(&self, limit: usize) -> Vec<(FlowKey, FlowValue)> {
+        self.flows
+            .iter()
+            .take(limit)
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    pub fn rates(&self, limit: usize) -> Vec<([u8; 16], RateValue)> {
+        self.rates
+            .iter()
+            .take(limit)
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    pub fn drain_bursts(&mut self, out: &mut Vec<BurstEvent>, limit: usize) {
+        for _ in 0..limit {
+            let Some(item) = self.bursts.next() else {
+                break;
+            };
+            if item.len() >= size_of::<BurstEvent>() {
+                // SAFETY: at least size_of::<BurstEvent>() bytes; BurstEvent is Pod, read
+                // unaligned since the ring gives 8-byte alignment only.
+                out.push(unsafe { item.as_ptr().cast::<BurstEvent>().read_unaligned() });
+            }
+        }
+    }
+
+    /// Copy every entry the data plane depends on into `dst` (a migration). With a changed
+    /// layout, this is where the per-map conversion goes.
+    pub fn copy_into(&self, dst: &mut Maps, layout_version: u32) -> Result<(), DataPathError> {
+        let mut cfg = self.config()?;
+        cfg.layout_version = layout_version;
+        dst.write_config(&cfg)?;
+        for (cidr, v) in self.bans(usize::MAX)? {
+            dst.insert_ban(&cidr, &v)
+                .map_err(|e| ban_err(&e, cidr, u32::MAX))?;
+        }
+        for cidr in self.allows(usize::MAX)? {
+            dst.put_allow(&cidr)?;
+        }
+        for port in 0..65_536u32 {
+            let w = self.ports.get(&port, 0).map_err(err("read PORTS"))?;
+            if w != 0 {
+                dst.ports.set(port, w, 0).map_err(err("write PORTS"))?;
+            }
+        }
+        for (k, v) in self.flows(LRU_WALK) {
+            // LRU: a full target evicts instead of failing.
+            let _ = dst.flows.insert(k, v, 0);
+        }
+        for (k, v) in self.rates(LRU_WALK) {
+            let _ = dst.rates.insert(k, v, 0);
+        }
+        for i in 0..COUNTERS_LEN {
+            let v: PerCpuValues<u64> = self.counters.get(&i, 0).map_err(err("read COUNTERS"))?;
+            dst.counters.set(i, v, 0).map_err(err("write COUNTERS"))?;
+        }
+        Ok(())
+    }
+}
+
+fn net(addr: IpAddr, prefix: u32) -> Option<Cidr> {
+    Cidr::new(addr, u8::try_from(prefix).ok()?).ok()
+}
+
+/// A full ban map answers E2BIG (hash) or ENOSPC (LPM trie).
+pub fn full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+}
+
+pub fn ban_err(e: &MapError, cidr: Cidr, capacity: u32) -> DataPathError {
+    if full(e) {
+        DataPathError::Full { capacity }
+    } else {
+        DataPathError::Other(format!("write the ban of {cidr}: {e}"))
+    }
+}
+
+fn optional<T>(r: Result<T, MapError>) -> Result<Option<T>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(None),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn err(what: &'static str) -> impl Fn(MapError) -> DataPathError {
+    move |e| DataPathError::Other(format!("{what}: {e}"))
+}
+
+/// The client address as a map key holds it (IPv4-mapped for IPv4) back to an address.
+pub fn unmap_key(k: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(k);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}

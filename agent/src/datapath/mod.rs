@@ -1,0 +1,335 @@
+//! The agent's handle on the kernel side: load or adopt the pinned programs and maps, attach
+//! them to interfaces, and read and write the maps.
+//!
+//! Pin directory layout (`--pin-dir`, default `/sys/fs/bpf/wsguard`, every directory 0700):
+//!
+//! ```text
+//! <pin_dir>/layout                 symlink -> "layout-v<LAYOUT_VERSION>-build-<fnv64 of OBJECT>"
+//! <pin_dir>/maps/<NAME>            every map of wsguard_common::maps::names except SCRATCH
+//! <pin_dir>/maps.new/<NAME>        only during a migration: the fresh maps, before the swap
+//! <pin_dir>/links/<iface>.xdp      pinned XDP bpf_link (or symlink "netlink:<mode>" if aya fell
+//!                                  back to a netlink attachment, which cannot be pinned)
+//! <pin_dir>/links/<iface>.xdp-mode symlink -> "native" | "generic"
+//! <pin_dir>/links/<iface>.tc       pinned TCX bpf_link (or symlink "clsact:<prio>:<handle>")
+//! ```
+//!
+//! bpffs holds no regular files, hence the symlinks as records.
+//!
+//! Lifecycle: [`DataPath::open`] adopts the pinned generation when it is this build (same
+//! program ids, nothing touched), swaps a different build in through each pinned link
+//! (`bpf_link_update`, reusing the pinned maps) and, when the pinned layout differs, first
+//! copies every entry into fresh maps. Dropping a `DataPath` detaches nothing (fail-static);
+//! [`DataPath::detach_all`] is the kill switch.
+//!
+//! Test hooks ([`OpenHooks`], or the environment for a separate process):
+//! `WSGUARD_TEST_LAYOUT_VERSION=N` makes this build claim layout version N (a pinned
+//! generation with another version is migrated), `WSGUARD_TEST_BUILD_ID=<hex>` makes it claim
+//! another build (forcing the atomic swap), `WSGUARD_TEST_TC_CLSACT=1` skips TCX.
+
+mod attach;
+mod loader;
+mod maps;
+mod open;
+mod pins;
+mod sys;
+
+use std::{net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
+
+use wsguard_common::maps::{BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, FlowValue};
+
+use crate::{addr::Cidr, api::InterfaceJson};
+
+pub use loader::build_id;
+pub use pins::Layout;
+
+/// How to attach XDP (PRODUCT.md `--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode if the driver supports it, else generic.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataPathOptions {
+    pub pin_dir: PathBuf,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// Capacity of each ban map (`--max-bans`).
+    pub max_bans: u32,
+}
+
+/// Overrides for tests of the upgrade paths (one build cannot otherwise test meeting another).
+#[derive(Clone, Debug, Default)]
+pub struct OpenHooks {
+    /// Pretend this build's map layout version is this one.
+    pub layout_version: Option<u32>,
+    /// Pretend this build's object hash is this one.
+    pub build_id: Option<u64>,
+    /// Attach TC egress through clsact even where TCX exists.
+    pub force_clsact: bool,
+}
+
+impl OpenHooks {
+    /// The hooks set in the environment (`WSGUARD_TEST_*`), for tests that run the binary.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            layout_version: var("WSGUARD_TEST_LAYOUT_VERSION").and_then(|v| v.parse().ok()),
+            build_id: var("WSGUARD_TEST_BUILD_ID").and_then(|v| u64::from_str_radix(&v, 16).ok()),
+            force_clsact: var("WSGUARD_TEST_TC_CLSACT").is_some_and(|v| v != "0"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    #[error("the ban map is full ({capacity} entries): new bans are refused, old ones stay")]
+    Full { capacity: u32 },
+    /// Pinning is impossible: enforce mode cannot survive restarts, so it refuses to start.
+    #[error("enforce mode needs bpffs at the pin directory {path}: {detail}")]
+    NotBpffs { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Global counters summed over CPUs, indexed by `wsguard_common::maps::Counter`.
+pub type Counters = [u64; COUNTERS_LEN as usize];
+
+pub struct DataPath {
+    maps: maps::Maps,
+    pins: Option<pins::PinDir>,
+    max_bans: u32,
+    /// Entries across the four ban maps; kept by put/del so the cap needs no map walk.
+    ban_entries: u64,
+    interfaces: Vec<InterfaceJson>,
+    netlink_fallbacks: u64,
+    /// Bursts read from an old generation's ring during a migration.
+    pending: Vec<BurstEvent>,
+}
+
+impl DataPath {
+    /// Load the embedded object, or adopt what is pinned under `pin_dir` (replacing an older
+    /// program atomically through its pinned link and migrating changed maps), attach to every
+    /// interface, pin maps and links. Honors the `WSGUARD_TEST_*` hooks of the environment.
+    pub fn open(opts: &DataPathOptions) -> Result<Self, DataPathError> {
+        Self::open_with(opts, &OpenHooks::from_env())
+    }
+
+    pub fn open_with(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<Self, DataPathError> {
+        open::open(opts, hooks)
+    }
+
+    /// Load and attach without pinning (when `open` said bpffs is unavailable and the daemon
+    /// runs in observe mode): nothing survives the process.
+    pub fn open_unpinned(opts: &DataPathOptions) -> Result<Self, DataPathError> {
+        open::open_unpinned(opts)
+    }
+
+    fn assemble(
+        mut maps: maps::Maps,
+        pins: Option<pins::PinDir>,
+        opts: &DataPathOptions,
+        interfaces: Vec<InterfaceJson>,
+        netlink_fallbacks: u64,
+        pending: Vec<BurstEvent>,
+    ) -> Result<Self, DataPathError> {
+        let bans = maps.bans(opts.max_bans as usize + 1)?;
+        // A crash between a count update and the trie write leaves the count high; make it
+        // exact again now that nobody else writes.
+        let (v4, v6) = bans
+            .iter()
+            .filter(|(c, _)| !c.is_host())
+            .fold(
+                (0, 0),
+                |(a, b), (c, _)| {
+                    if c.is_v4() { (a + 1, b) } else { (a, b + 1) }
+                },
+            );
+        let mut cfg = maps.config()?;
+        if (cfg.cidr_v4, cfg.cidr_v6) != (v4, v6) {
+            (cfg.cidr_v4, cfg.cidr_v6) = (v4, v6);
+            maps.write_config(&cfg)?;
+        }
+        Ok(Self {
+            maps,
+            pins,
+            max_bans: opts.max_bans,
+            ban_entries: bans.len() as u64,
+            interfaces,
+            netlink_fallbacks,
+            pending,
+        })
+    }
+
+    /// The kill switch: detach every program and remove every pin under `pin_dir`.
+    pub fn detach_all(pin_dir: &std::path::Path) -> Result<(), DataPathError> {
+        pins::detach_all(pin_dir)
+    }
+
+    /// Write the runtime settings. The CIDR counts and the layout version belong to the data
+    /// path and are kept as they are, whatever `cfg` holds.
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DataPathError> {
+        let cur = self.maps.config()?;
+        let next = Config {
+            cidr_v4: cur.cidr_v4,
+            cidr_v6: cur.cidr_v6,
+            layout_version: cur.layout_version,
+            ..*cfg
+        };
+        self.maps.write_config(&next)
+    }
+
+    pub fn config(&self) -> Result<Config, DataPathError> {
+        self.maps.config()
+    }
+
+    /// Watch exactly `ports`.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), DataPathError> {
+        self.maps.set_ports(ports)
+    }
+
+    /// Insert or replace a ban (exact map for a host, CIDR trie otherwise; keeps `cidr_v4/v6`
+    /// counts in CONFIG right). Preserves the existing drop counter when replacing.
+    pub fn put_ban(&mut self, cidr: &Cidr, value: &BanValue) -> Result<(), DataPathError> {
+        let existing = self.maps.get_ban(cidr)?;
+        if existing.is_none() && self.ban_entries >= u64::from(self.max_bans) {
+            return Err(DataPathError::Full {
+                capacity: self.max_bans,
+            });
+        }
+        let mut v = *value;
+        if let Some(old) = existing {
+            // Drops the kernel counts between this read and the write are lost: a handful.
+            v.drops = old.drops;
+        }
+        let counted = existing.is_none() && !cidr.is_host();
+        if counted {
+            // Count first: a crash before the insert leaves the count high, which only costs
+            // the data plane a trie walk; low would skip a live CIDR ban.
+            self.maps
+                .adjust_cidr_count(cidr.is_v4(), |n| n.saturating_add(1))?;
+        }
+        if let Err(e) = self.maps.insert_ban(cidr, &v) {
+            if counted {
+                self.maps
+                    .adjust_cidr_count(cidr.is_v4(), |n| n.saturating_sub(1))?;
+            }
+            return Err(maps::ban_err(&e, *cidr, self.max_bans));
+        }
+        if existing.is_none() {
+            self.ban_entries += 1;
+        }
+        Ok(())
+    }
+
+    pub fn del_ban(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
+        if self.maps.remove_ban(cidr)? {
+            self.ban_entries = self.ban_entries.saturating_sub(1);
+            if !cidr.is_host() {
+                // After the delete, for the same reason as in put_ban.
+                self.maps
+                    .adjust_cidr_count(cidr.is_v4(), |n| n.saturating_sub(1))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every ban entry in the maps (for adoption and reconciliation).
+    pub fn bans(&self) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
+        self.maps.bans(self.max_bans as usize + 1)
+    }
+
+    /// Entries in the ban maps (expired ones included until deleted).
+    pub fn ban_entries(&self) -> u64 {
+        self.ban_entries
+    }
+
+    pub fn put_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
+        self.maps.put_allow(cidr)
+    }
+
+    pub fn del_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
+        self.maps.del_allow(cidr)
+    }
+
+    pub fn allows(&self) -> Result<Vec<Cidr>, DataPathError> {
+        self.maps.allows(1 << 16)
+    }
+
+    pub fn counters(&self) -> Result<Counters, DataPathError> {
+        self.maps.counters()
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataPathError> {
+        Ok(self.maps.flows(maps::LRU_WALK))
+    }
+
+    /// Bad-handshake counts in the current window per source (for `top`).
+    pub fn rates(&self) -> Result<Vec<(IpAddr, u32)>, DataPathError> {
+        let window = self.maps.config()?.window_ns;
+        let now = boot_ns();
+        Ok(self
+            .maps
+            .rates(maps::LRU_WALK)
+            .into_iter()
+            .filter(|(_, r)| now.wrapping_sub(r.window_start_ns) < window)
+            .map(|(k, r)| (maps::unmap_key(k), r.count))
+            .collect())
+    }
+
+    /// Burst events from the ring buffer, without blocking.
+    pub fn poll_bursts(&mut self) -> Vec<BurstEvent> {
+        let mut out = std::mem::take(&mut self.pending);
+        self.maps.drain_bursts(&mut out, 1 << 16);
+        out
+    }
+
+    /// A file descriptor that becomes readable when bursts are waiting (for tokio's AsyncFd).
+    pub fn bursts_fd(&self) -> std::os::fd::RawFd {
+        self.maps.bursts.as_raw_fd()
+    }
+
+    pub fn interfaces(&self) -> Vec<InterfaceJson> {
+        let mut out = self.interfaces.clone();
+        if let Some(pins) = &self.pins {
+            // Another agent generation may have swapped the program since open.
+            for i in &mut out {
+                if let Ok(info) =
+                    sys::obj_get(&pins.xdp_link(&i.name)).and_then(|fd| sys::link_info(&fd))
+                {
+                    i.xdp_prog_id = info.prog_id;
+                }
+            }
+        }
+        out
+    }
+
+    /// XDP attachments that fell back to netlink (unpinnable) in this open; expose as a metric.
+    pub fn netlink_fallbacks(&self) -> u64 {
+        self.netlink_fallbacks
+    }
+
+    /// Whether maps and links are pinned (false only when pinning was impossible).
+    pub fn pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    pub fn ban_capacity(&self) -> u32 {
+        self.max_bans
+    }
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock of `BanValue` times.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer for clock_gettime.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) cannot fail on Linux");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

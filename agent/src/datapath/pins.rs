@@ -1,0 +1,248 @@
+//! The pin directory: where maps and links live on bpffs, the layout record, and the kill switch.
+//!
+//! bpffs holds only pins, directories and symlinks (no regular files), so the small records
+//! wsguard keeps there are symlinks whose target is the text.
+
+use std::{
+    fs, io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    Link as _,
+    tc::{SchedClassifierLink, TcAttachType, TcHandle},
+};
+
+use super::{DataPathError, sys};
+
+pub const MAPS: &str = "maps";
+/// Fresh maps of a migration, filled before the program swap, renamed over `maps/` after it.
+pub const MAPS_NEW: &str = "maps.new";
+pub const LINKS: &str = "links";
+pub const LAYOUT: &str = "layout";
+
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join(MAPS)
+    }
+    pub fn maps_new(&self) -> PathBuf {
+        self.root.join(MAPS_NEW)
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join(LINKS)
+    }
+    pub fn xdp_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("{iface}.xdp"))
+    }
+    pub fn tc_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("{iface}.tc"))
+    }
+    /// Symlink next to `<iface>.xdp` naming its attach mode (link info does not carry it).
+    pub fn xdp_mode(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("{iface}.xdp-mode"))
+    }
+
+    /// Make sure the pin directory is on bpffs, mounting bpffs on its parent when that is an
+    /// empty directory (the state of `/sys/fs/bpf` on a host that never mounted it). A
+    /// non-empty parent is never mounted over: that would hide its files.
+    pub fn ensure(&self) -> Result<(), DataPathError> {
+        let not_bpffs = |detail: String| DataPathError::NotBpffs {
+            path: self.root.clone(),
+            detail,
+        };
+        let parent = self
+            .root
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("/"));
+        let on_bpffs = |p: &Path| {
+            sys::is_bpffs(p).map_err(|e| not_bpffs(format!("statfs {}: {e}", p.display())))
+        };
+        if self.root.exists() {
+            if !on_bpffs(&self.root)? {
+                return Err(not_bpffs("it exists but is not on a bpffs mount".into()));
+            }
+        } else {
+            if !parent.is_dir() {
+                return Err(not_bpffs(format!("{} does not exist", parent.display())));
+            }
+            if !on_bpffs(parent)? {
+                let empty = fs::read_dir(parent)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+                if !empty {
+                    return Err(not_bpffs(format!(
+                        "{} is not bpffs and not empty, so bpffs is not mounted over it",
+                        parent.display()
+                    )));
+                }
+                sys::mount_bpffs(parent).map_err(|e| {
+                    not_bpffs(format!("mount -t bpf bpf {}: {e}", parent.display()))
+                })?;
+            }
+        }
+        for dir in [self.root.clone(), self.maps(), self.links()] {
+            mkdir_0700(&dir).map_err(|e| other(format!("create {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_layout(&self) -> Option<Layout> {
+        read_record(&self.root.join(LAYOUT)).and_then(|t| Layout::parse(&t))
+    }
+
+    pub fn write_layout(&self, layout: &Layout) -> io::Result<()> {
+        write_record(&self.root.join(LAYOUT), &layout.to_string())
+    }
+
+    /// Whether any map is pinned under `maps/`.
+    pub fn has_maps(&self) -> bool {
+        fs::read_dir(self.maps())
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    }
+}
+
+pub fn mkdir_0700(dir: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the pinned maps and program are: the map layout version and the object's build id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub version: u32,
+    pub build: u64,
+}
+
+impl Layout {
+    fn parse(text: &str) -> Option<Self> {
+        let (v, b) = text.strip_prefix("layout-v")?.split_once("-build-")?;
+        Some(Self {
+            version: v.parse().ok()?,
+            build: u64::from_str_radix(b, 16).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layout-v{}-build-{:016x}", self.version, self.build)
+    }
+}
+
+pub fn read_record(path: &Path) -> Option<String> {
+    fs::read_link(path)
+        .ok()
+        .and_then(|t| t.to_str().map(str::to_owned))
+}
+
+/// Replace a record atomically: a half-written record must never be read back.
+pub fn write_record(path: &Path, text: &str) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(text, &tmp)?;
+    fs::rename(&tmp, path)
+}
+
+pub fn is_record(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// `links/<iface>.tc` as a record of a clsact filter (kernels without TCX).
+pub fn clsact_record(priority: u16, handle: TcHandle) -> String {
+    format!("clsact:{priority}:{}", u32::from(handle))
+}
+
+pub fn parse_clsact(text: &str) -> Option<(u16, TcHandle)> {
+    let (p, h) = text.strip_prefix("clsact:")?.split_once(':')?;
+    Some((p.parse().ok()?, TcHandle::from(h.parse::<u32>().ok()?)))
+}
+
+fn other(msg: String) -> DataPathError {
+    DataPathError::Other(msg)
+}
+
+/// The kill switch. Links first, so the programs leave the interfaces while the maps they use
+/// still exist; then every pin and the directory. Nothing pinned is success.
+pub fn detach_all(root: &Path) -> Result<(), DataPathError> {
+    let pins = PinDir::new(root);
+    if !root.exists() {
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    if let Ok(entries) = fs::read_dir(pins.links()) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Err(e) = detach_one(&path) {
+                errors.push(format!("{}: {e}", path.display()));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        // Keep the maps: a link that could not be detached still needs them.
+        return Err(other(format!("could not detach: {}", errors.join("; "))));
+    }
+    fs::remove_dir_all(root).map_err(|e| other(format!("remove {}: {e}", root.display())))
+}
+
+fn detach_one(path: &Path) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    if is_record(path) {
+        let text = read_record(path).unwrap_or_default();
+        if let (Some(iface), Some((priority, handle))) =
+            (name.strip_suffix(".tc"), parse_clsact(&text))
+        {
+            if sys::ifindex(iface).is_some() {
+                let link = SchedClassifierLink::attached(
+                    iface,
+                    TcAttachType::Egress,
+                    priority,
+                    handle,
+                    None,
+                )
+                .map_err(|e| e.to_string())?;
+                link.detach()
+                    .map_err(|e| format!("remove the clsact filter: {e}"))?;
+            }
+        } else if let (Some(iface), Some(mode)) =
+            (name.strip_suffix(".xdp"), text.strip_prefix("netlink:"))
+        {
+            if sys::ifindex(iface).is_some() {
+                return Err(format!(
+                    "XDP is attached through netlink ({mode}), which has no link to detach: run `ip link set dev {iface} xdp off`"
+                ));
+            }
+        }
+        return fs::remove_file(path).map_err(|e| e.to_string());
+    }
+    let fd = sys::obj_get(path).map_err(|e| format!("open the pin: {e}"))?;
+    fs::remove_file(path).map_err(|e| format!("unpin: {e}"))?;
+    // Unpinning alone leaves the link attached while a running agent holds its fd.
+    match sys::link_detach(&fd) {
+        Ok(()) => Ok(()),
+        // A defunct link (its interface is gone) has nothing left to detach.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLINK | libc::EINVAL)) => Ok(()),
+        Err(e) => Err(format!("BPF_LINK_DETACH: {e}")),
+    }
+}

@@ -1,0 +1,169 @@
+//! The few kernel calls aya 0.14 does not expose: bpffs detection and mounting, a link's
+//! target interface, and forced link detach.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Whether `path` (which must exist) lives on a bpffs.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = cstr(path)?;
+    // SAFETY: all-zero is a valid statfs; the kernel fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between libc targets"
+    )]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// `mount -t bpf bpf <path>` with mode 0700.
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = cstr(path)?;
+    let (src, fstype, data) = (c"bpf", c"bpf", c"mode=0700");
+    // SAFETY: valid C strings; bpffs takes a text option string.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is a `#[repr(C)]` attribute struct of the layout the kernel expects for
+    // `cmd`, zero where unused.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The parts of `struct bpf_link_info` wsguard reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// XDP and TCX links: the interface; 0 once the interface is gone (a defunct link).
+    pub ifindex: u32,
+}
+
+pub const LINK_TYPE_XDP: u32 = 6;
+pub const LINK_TYPE_TCX: u32 = 11;
+
+/// `struct bpf_link_info` head: the union after `prog_id` is 8-aligned, and its `xdp` and
+/// `tcx` members both start with the ifindex. The tail stays zero, as the kernel requires.
+#[repr(C)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    _rest: [u32; 27],
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+pub fn link_info(fd: &impl AsRawFd) -> io::Result<LinkInfo> {
+    // SAFETY: plain integers; all-zero is valid.
+    let mut raw: RawLinkInfo = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<RawLinkInfo>() as u32,
+        info: &mut raw as *mut RawLinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(LinkInfo {
+        link_type: raw.link_type,
+        id: raw.id,
+        prog_id: raw.prog_id,
+        ifindex: raw.ifindex,
+    })
+}
+
+/// Detach a link now, whoever else still holds it open (a running agent does).
+pub fn link_detach(fd: &impl AsRawFd) -> io::Result<()> {
+    #[repr(C)]
+    struct DetachAttr {
+        link_fd: u32,
+    }
+    bpf(
+        BPF_LINK_DETACH,
+        &mut DetachAttr {
+            link_fd: fd.as_raw_fd() as u32,
+        },
+    )
+}
+
+/// `BPF_OBJ_GET`: open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = cstr(path)?;
+    let mut attr = GetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid BPF_OBJ_GET attribute; the pathname outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut GetAttr,
+            size_of::<GetAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

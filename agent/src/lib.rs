@@ -1,0 +1,16 @@
+//! wsguard: the agent that runs on every node, and the operator CLI, in one binary.
+
+pub mod addr;
+pub mod api;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod duration;
+pub mod metrics;
+pub mod model;
+pub mod paths;
+pub mod policy;
+pub mod server;
+pub mod state;

@@ -1,0 +1,525 @@
+//! The one policy engine every ban goes through: kernel bursts, log detectors, the API's manual
+//! bans and imports. Pure logic: no I/O, no clocks (callers pass `now`), so every rail is unit
+//! tested. The daemon applies what it decides to the kernel maps and the state file.
+//!
+//! Decisions where PRODUCT.md is silent:
+//! - A ban of `/0` is refused and counted as `allowlisted`: it necessarily overlaps the
+//!   built-in allowlist.
+//! - A request for an address that is already banned is not a new offence: it extends the
+//!   ban (to the explicit TTL, or to the ban's current escalation level), never shortens it, and
+//!   only strengthens it (enforce beats observe, hard beats soft). API requests replace the
+//!   source and reason; automatic ones leave them.
+//! - Escalation applies to every source whose request carries no explicit TTL; an explicit TTL
+//!   wins but still counts as an offence.
+//! - Offence history is forgotten `offense_memory` after the last offence of an address that
+//!   is no longer banned, so a storm of one-off sources does not grow it forever.
+
+mod allow;
+mod breaker;
+#[cfg(test)]
+mod tests;
+
+pub use allow::{AllowError, builtin_ranges};
+pub use breaker::{Breaker, BreakerConfig, Gate};
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{
+    addr::Cidr,
+    model::{AllowEntry, AllowSource, Ban, BanSource, Mode},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub ban_ttl: Duration,
+    pub ban_max_ttl: Duration,
+    /// Total bans (every map) at which new bans are refused.
+    pub max_bans: u64,
+    /// Global mode: in observe, every new ban is an observe ban.
+    pub mode: Mode,
+    pub breaker: BreakerConfig,
+    pub offense_memory: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ttl {
+    /// `ban_ttl`, escalated ×4 per prior offence up to `ban_max_ttl`.
+    Default,
+    For(Duration),
+    Permanent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BanRequest {
+    pub cidr: Cidr,
+    pub source: BanSource,
+    pub reason: String,
+    pub ttl: Ttl,
+    pub observe: bool,
+    pub hard: bool,
+}
+
+/// Why a ban was refused, as the `reason` label of `wsguard_bans_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefuseReason {
+    Allowlisted,
+    Full,
+    RateLimited,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 3] = [Self::Allowlisted, Self::Full, Self::RateLimited];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowlisted => "allowlisted",
+            Self::Full => "full",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("refusing to ban {0}: a /0 ban would ban everything")]
+    Everything(Cidr),
+    #[error("refusing to ban {cidr}: it overlaps the allowlist entry {allow} ({})", kind.as_str())]
+    Allowlisted {
+        cidr: Cidr,
+        allow: Cidr,
+        kind: AllowSource,
+    },
+    #[error(
+        "refusing to ban {cidr}: the ban map is full ({max} bans); new bans are refused, old ones stay"
+    )]
+    Full { cidr: Cidr, max: u64 },
+    #[error("refusing to ban {cidr}: too many automatic bans in a short time (circuit breaker)")]
+    RateLimited { cidr: Cidr },
+}
+
+impl Refusal {
+    pub fn reason(&self) -> RefuseReason {
+        match self {
+            Self::Everything(_) | Self::Allowlisted { .. } => RefuseReason::Allowlisted,
+            Self::Full { .. } => RefuseReason::Full,
+            Self::RateLimited { .. } => RefuseReason::RateLimited,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    /// An existing ban got longer or stronger: rewrite it in the kernel.
+    Updated,
+    Unchanged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub ban: Ban,
+    pub change: Change,
+}
+
+/// Offence history of one address or network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offense {
+    pub count: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    /// Indexed like `BanSource::ALL`.
+    pub created: [u64; 4],
+    /// Indexed like `RefuseReason::ALL`.
+    pub refused: [u64; 3],
+    pub expired: u64,
+}
+
+impl PolicyCounters {
+    pub fn refused_total(&self) -> u64 {
+        self.refused.iter().sum()
+    }
+    pub fn created_total(&self) -> u64 {
+        self.created.iter().sum()
+    }
+}
+
+pub struct Policy {
+    cfg: PolicyConfig,
+    bans: BTreeMap<Cidr, Ban>,
+    /// Expiring bans by expiry, so the sweep never walks every ban.
+    by_expiry: BTreeSet<(OffsetDateTime, Cidr)>,
+    active: [u64; 4],
+    allow: allow::Allowlist,
+    offenses: HashMap<Cidr, Offense>,
+    breaker: Breaker,
+    counters: PolicyCounters,
+    last_offense_prune: Option<OffsetDateTime>,
+}
+
+fn src_idx(s: BanSource) -> usize {
+    BanSource::ALL.iter().position(|x| *x == s).expect("in ALL")
+}
+
+impl Policy {
+    /// `builtin`: loopback, link-local and the node's addresses; `config`: `allow` entries.
+    pub fn new(cfg: PolicyConfig, builtin: &[Cidr], config: &[Cidr]) -> Self {
+        Self {
+            breaker: Breaker::new(cfg.breaker),
+            cfg,
+            bans: BTreeMap::new(),
+            by_expiry: BTreeSet::new(),
+            active: [0; 4],
+            allow: allow::Allowlist::new(builtin, config),
+            offenses: HashMap::new(),
+            counters: PolicyCounters::default(),
+            last_offense_prune: None,
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Check the rails a ban must pass regardless of rate (allowlist, `/0`), without changing
+    /// anything.
+    pub fn check_allowed(&self, cidr: &Cidr) -> Result<(), Refusal> {
+        if cidr.is_everything() {
+            return Err(Refusal::Everything(*cidr));
+        }
+        match self.allow.overlapping(cidr) {
+            Some(e) => Err(Refusal::Allowlisted {
+                cidr: *cidr,
+                allow: e.cidr,
+                kind: e.source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Check a batch of API requests as a whole: every refusal with its index, counted, and
+    /// nothing applied. A batch that would overflow the cap is refused entirely.
+    pub fn preflight(&mut self, reqs: &[BanRequest]) -> Result<(), Vec<(usize, Refusal)>> {
+        let mut bad = Vec::new();
+        let mut new = BTreeSet::new();
+        for (i, r) in reqs.iter().enumerate() {
+            match self.check_allowed(&r.cidr) {
+                Err(e) => bad.push((i, e)),
+                Ok(()) if !self.bans.contains_key(&r.cidr) => {
+                    new.insert(r.cidr);
+                }
+                Ok(()) => {}
+            }
+        }
+        if bad.is_empty() && self.bans.len() as u64 + new.len() as u64 > self.cfg.max_bans {
+            let full = reqs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| new.contains(&r.cidr));
+            bad = full
+                .map(|(i, r)| {
+                    (
+                        i,
+                        Refusal::Full {
+                            cidr: r.cidr,
+                            max: self.cfg.max_bans,
+                        },
+                    )
+                })
+                .collect();
+        }
+        for (_, e) in &bad {
+            self.count_refused(e.reason());
+        }
+        if bad.is_empty() { Ok(()) } else { Err(bad) }
+    }
+
+    /// Decide a ban request and record it. Refusals are counted.
+    pub fn ban(&mut self, req: BanRequest, now: OffsetDateTime) -> Result<Applied, Refusal> {
+        let r = self.decide(req, now);
+        if let Err(e) = &r {
+            self.count_refused(e.reason());
+        }
+        r
+    }
+
+    fn decide(&mut self, req: BanRequest, now: OffsetDateTime) -> Result<Applied, Refusal> {
+        self.check_allowed(&req.cidr)?;
+        if let Some(old) = self.bans.get(&req.cidr).cloned() {
+            return Ok(self.extend(old, req, now));
+        }
+        if self.bans.len() as u64 >= self.cfg.max_bans {
+            return Err(Refusal::Full {
+                cidr: req.cidr,
+                max: self.cfg.max_bans,
+            });
+        }
+        let automatic = matches!(req.source, BanSource::Kernel | BanSource::Log);
+        let gate = if automatic {
+            self.breaker.admit(now)
+        } else {
+            Gate::Pass
+        };
+        if gate == Gate::Refuse {
+            return Err(Refusal::RateLimited { cidr: req.cidr });
+        }
+        let prior = self.offenses.get(&req.cidr).map_or(0, |o| o.count);
+        let expires_at = self.expiry(req.ttl, prior, now);
+        let mut reason = req.reason;
+        if gate == Gate::Observe {
+            reason.push_str(" [observe: ban rate limit exceeded]");
+        }
+        let observe = req.observe || gate == Gate::Observe || self.cfg.mode == Mode::Observe;
+        let offenses = prior.saturating_add(1);
+        self.offenses.insert(
+            req.cidr,
+            Offense {
+                count: offenses,
+                last: now,
+            },
+        );
+        let ban = Ban {
+            cidr: req.cidr,
+            source: req.source,
+            reason,
+            mode: if observe {
+                Mode::Observe
+            } else {
+                Mode::Enforce
+            },
+            hard: req.hard,
+            created_at: now,
+            expires_at,
+            offenses,
+        };
+        self.counters.created[src_idx(req.source)] += 1;
+        self.insert(ban.clone());
+        Ok(Applied {
+            ban,
+            change: Change::Created,
+        })
+    }
+
+    fn extend(&mut self, old: Ban, req: BanRequest, now: OffsetDateTime) -> Applied {
+        let mut ban = old.clone();
+        // `Default` means the ban's own escalation level: a re-burst keeps what it earned.
+        let prior = old.offenses.saturating_sub(1);
+        let wanted = self.expiry(req.ttl, prior, now);
+        ban.expires_at = match (old.expires_at, wanted) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
+        };
+        ban.hard |= req.hard;
+        let enforce_wanted = !req.observe && self.cfg.mode == Mode::Enforce;
+        if enforce_wanted && !self.breaker.is_open(now) {
+            ban.mode = Mode::Enforce;
+        }
+        if matches!(req.source, BanSource::Manual | BanSource::Import) {
+            ban.source = req.source;
+            ban.reason = req.reason;
+        }
+        if ban == old {
+            return Applied {
+                ban,
+                change: Change::Unchanged,
+            };
+        }
+        self.remove(&old.cidr);
+        self.insert(ban.clone());
+        Applied {
+            ban,
+            change: Change::Updated,
+        }
+    }
+
+    fn expiry(&self, ttl: Ttl, prior: u32, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let d = match ttl {
+            Ttl::Permanent => return None,
+            Ttl::For(d) => d,
+            Ttl::Default => escalate(self.cfg.ban_ttl, self.cfg.ban_max_ttl, prior),
+        };
+        // Absurd TTLs (e.g. `99999d`) are clamped rather than overflowing into "permanent".
+        let d = time::Duration::try_from(d)
+            .unwrap_or(time::Duration::MAX)
+            .min(time::Duration::days(36500));
+        Some(now + d)
+    }
+
+    /// Put back a ban from the state file or the pinned maps, without counting it as created.
+    /// The allowlist still wins (it may have grown since); the cap and breaker do not apply.
+    pub fn restore(&mut self, ban: Ban) -> Result<(), Refusal> {
+        self.check_allowed(&ban.cidr)?;
+        self.offenses
+            .entry(ban.cidr)
+            .and_modify(|o| o.count = o.count.max(ban.offenses))
+            .or_insert(Offense {
+                count: ban.offenses,
+                last: ban.created_at,
+            });
+        self.remove(&ban.cidr);
+        self.insert(ban);
+        Ok(())
+    }
+
+    pub fn restore_offense(&mut self, cidr: Cidr, o: Offense) {
+        let e = self.offenses.entry(cidr).or_insert(o);
+        e.count = e.count.max(o.count);
+        e.last = e.last.max(o.last);
+    }
+
+    pub fn unban(&mut self, cidr: &Cidr) -> Option<Ban> {
+        self.remove(cidr)
+    }
+
+    /// Remove and return every ban that expired at `now`, counted.
+    pub fn expire(&mut self, now: OffsetDateTime) -> Vec<Ban> {
+        let due: Vec<Cidr> = self
+            .by_expiry
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, c)| *c)
+            .collect();
+        let gone: Vec<Ban> = due.iter().filter_map(|c| self.remove(c)).collect();
+        self.counters.expired += gone.len() as u64;
+        self.prune_offenses(now);
+        gone
+    }
+
+    fn prune_offenses(&mut self, now: OffsetDateTime) {
+        // Hourly is plenty for a history measured in days.
+        if self
+            .last_offense_prune
+            .is_some_and(|t| now - t < time::Duration::HOUR)
+        {
+            return;
+        }
+        self.last_offense_prune = Some(now);
+        let memory =
+            time::Duration::try_from(self.cfg.offense_memory).unwrap_or(time::Duration::MAX);
+        let bans = &self.bans;
+        self.offenses
+            .retain(|c, o| bans.contains_key(c) || now - o.last < memory);
+    }
+
+    /// Expired bans found at start-up (pinned maps or state) that never reached `expire`.
+    pub fn count_expired(&mut self, n: u64) {
+        self.counters.expired += n;
+    }
+
+    pub fn count_refused(&mut self, r: RefuseReason) {
+        let i = RefuseReason::ALL
+            .iter()
+            .position(|x| *x == r)
+            .expect("in ALL");
+        self.counters.refused[i] += 1;
+    }
+
+    /// Add an API allowlist entry; returns it and the bans it lifted (the allowlist wins).
+    pub fn allow_add(
+        &mut self,
+        cidr: Cidr,
+        reason: String,
+    ) -> Result<(AllowEntry, Vec<Ban>), AllowError> {
+        let entry = self.allow.add(cidr, AllowSource::Manual, reason)?;
+        Ok((entry, self.lift_overlapping(&cidr)))
+    }
+
+    pub fn allow_rm(&mut self, cidr: &Cidr) -> Result<Option<AllowEntry>, AllowError> {
+        self.allow.remove_manual(cidr)
+    }
+
+    /// Replace the node's own addresses in the built-in allowlist (they change at run time);
+    /// returns bans lifted because a new address overlaps them.
+    pub fn set_node_addrs(&mut self, addrs: &[Cidr]) -> Vec<Ban> {
+        let added = self.allow.set_node(addrs);
+        added
+            .iter()
+            .flat_map(|c| self.lift_overlapping(c))
+            .collect()
+    }
+
+    fn lift_overlapping(&mut self, cidr: &Cidr) -> Vec<Ban> {
+        let hit: Vec<Cidr> = self
+            .bans
+            .keys()
+            .filter(|b| b.overlaps(cidr))
+            .copied()
+            .collect();
+        hit.iter().filter_map(|c| self.remove(c)).collect()
+    }
+
+    pub fn allow_entries(&self) -> impl Iterator<Item = &AllowEntry> {
+        self.allow.entries()
+    }
+
+    pub fn bans(&self) -> impl Iterator<Item = &Ban> {
+        self.bans.values()
+    }
+
+    pub fn get(&self, cidr: &Cidr) -> Option<&Ban> {
+        self.bans.get(cidr)
+    }
+
+    pub fn len(&self) -> usize {
+        self.bans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bans.is_empty()
+    }
+
+    /// Active bans per source, indexed like `BanSource::ALL`.
+    pub fn active_by_source(&self) -> [u64; 4] {
+        self.active
+    }
+
+    pub fn offenses(&self) -> &HashMap<Cidr, Offense> {
+        &self.offenses
+    }
+
+    pub fn counters(&self) -> &PolicyCounters {
+        &self.counters
+    }
+
+    pub fn breaker_open(&self, now: OffsetDateTime) -> bool {
+        self.breaker.is_open(now)
+    }
+
+    fn insert(&mut self, ban: Ban) {
+        if let Some(e) = ban.expires_at {
+            self.by_expiry.insert((e, ban.cidr));
+        }
+        self.active[src_idx(ban.source)] += 1;
+        self.bans.insert(ban.cidr, ban);
+    }
+
+    fn remove(&mut self, cidr: &Cidr) -> Option<Ban> {
+        let ban = self.bans.remove(cidr)?;
+        if let Some(e) = ban.expires_at {
+            self.by_expiry.remove(&(e, ban.cidr));
+        }
+        self.active[src_idx(ban.source)] -= 1;
+        Some(ban)
+    }
+}
+
+/// `base × 4^prior`, capped at `max`.
+pub fn escalate(base: Duration, max: Duration, prior: u32) -> Duration {
+    let mut d = base;
+    for _ in 0..prior {
+        d = d.saturating_mul(4);
+        if d >= max {
+            return max;
+        }
+    }
+    d.min(max)
+}

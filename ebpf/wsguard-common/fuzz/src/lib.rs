@@ -1,0 +1,3 @@
+//! Support for the `classify` fuzz target: the reference classifier it compares against.
+
+pub mod reference;

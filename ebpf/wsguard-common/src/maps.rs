@@ -1,0 +1,295 @@
+//! `#[repr(C)]` layouts of every map key, value and event, and the map names.
+//!
+//! Every type is padding-free (explicit `_pad` fields) so its bytes are fully defined: the
+//! kernel hashes keys byte for byte and `aya::Pod` requires it.
+
+/// Bytes of TCP payload the request classifier inspects.
+pub const MAX_INSPECT: usize = 1024;
+/// WebSocket path prefixes the data plane can hold.
+pub const MAX_PATHS: usize = 8;
+/// Longest path prefix, in bytes.
+pub const PATH_LEN: usize = 64;
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const PORTS: &str = "PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const BANS_V4: &str = "BANS_V4";
+    pub const BANS_V6: &str = "BANS_V6";
+    pub const BAN_CIDRS_V4: &str = "BAN_CIDRS_V4";
+    pub const BAN_CIDRS_V6: &str = "BAN_CIDRS_V6";
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const FLOWS: &str = "FLOWS";
+    pub const RATES: &str = "RATES";
+    pub const BURSTS: &str = "BURSTS";
+    pub const SCRATCH: &str = "SCRATCH";
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const XDP: &str = "wsguard_xdp";
+    pub const TC_EGRESS: &str = "wsguard_tc_egress";
+}
+
+/// Index into the per-CPU `COUNTERS` array. The order is part of the pinned-map layout: append
+/// only, and bump [`LAYOUT_VERSION`] when a change cannot be read by the previous agent.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Passed = 0,
+    Dropped,
+    WouldDrop,
+    Allowlisted,
+    Preserved,
+    Unparsed,
+    HsValid,
+    HsBad,
+    HsIncomplete,
+    HsTls,
+    HsIgnored,
+    UpstreamErrors,
+    /// First of [`crate::http::BAD_REASONS`] consecutive per-reason counters.
+    BadReason0,
+    EventsLost = Counter::BadReason0 as u32 + crate::http::BAD_REASONS as u32,
+}
+
+/// Number of slots in `COUNTERS`.
+pub const COUNTERS_LEN: u32 = Counter::EventsLost as u32 + 1;
+
+/// Version of the map layouts below; the agent migrates pinned maps when it differs.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `Config::flags`: global observe mode (nothing is dropped, would-be drops are counted).
+pub const CFG_OBSERVE: u32 = 1 << 0;
+/// `Config::flags`: only paths starting with one of `paths` are in WebSocket scope.
+pub const CFG_PATH_SCOPE: u32 = 1 << 1;
+
+/// Runtime settings, slot 0 of the `CONFIG` array. The agent rewrites it; no reload needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Length of the rate window in nanoseconds.
+    pub window_ns: u64,
+    /// Bad handshakes per source per window that make a burst.
+    pub threshold: u32,
+    pub flags: u32,
+    /// Number of entries in the CIDR ban tries; 0 lets the data plane skip the walk.
+    pub cidr_v4: u32,
+    pub cidr_v6: u32,
+    /// Number of valid entries in `paths`.
+    pub n_paths: u32,
+    pub layout_version: u32,
+    pub path_lens: [u8; MAX_PATHS],
+    pub paths: [[u8; PATH_LEN]; MAX_PATHS],
+}
+
+impl Config {
+    pub const fn new() -> Self {
+        Self {
+            window_ns: 10_000_000_000,
+            threshold: 20,
+            flags: 0,
+            cidr_v4: 0,
+            cidr_v6: 0,
+            n_paths: 0,
+            layout_version: LAYOUT_VERSION,
+            path_lens: [0; MAX_PATHS],
+            paths: [[0; PATH_LEN]; MAX_PATHS],
+        }
+    }
+
+    /// Whether `path` (the request target as sent) is in WebSocket scope.
+    pub fn path_in_scope(&self, path: &[u8]) -> bool {
+        if self.flags & CFG_PATH_SCOPE == 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PATHS && i < self.n_paths as usize {
+            let len = self.path_lens[i] as usize;
+            if len <= PATH_LEN && len <= path.len() && starts_with(path, &self.paths[i], len) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn starts_with(path: &[u8], prefix: &[u8; PATH_LEN], len: usize) -> bool {
+    let mut j = 0;
+    while j < len && j < PATH_LEN && j < path.len() {
+        if path[j] != prefix[j] {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
+/// `BanValue::flags`: observe only, never drop.
+pub const BAN_OBSERVE: u32 = 1 << 0;
+/// `BanValue::flags`: drop established flows too.
+pub const BAN_HARD: u32 = 1 << 1;
+
+/// Value of the exact (`BANS_V4`, `BANS_V6`) and CIDR (`BAN_CIDRS_*`) ban maps.
+///
+/// Times are `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`), which keep counting across
+/// suspend, so a ban expires at its TTL even while the agent is down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BanValue {
+    /// 0 = permanent.
+    pub expires_ns: u64,
+    pub created_ns: u64,
+    /// Packets dropped (or that would have been, for observe bans); atomically incremented.
+    pub drops: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl BanValue {
+    pub const fn is_expired(&self, now_ns: u64) -> bool {
+        self.expires_ns != 0 && self.expires_ns <= now_ns
+    }
+}
+
+/// Value of the allowlist tries (`ALLOW_V4`, `ALLOW_V6`): only presence matters.
+pub type AllowValue = u32;
+
+/// `FlowValue::state`.
+pub const FLOW_HANDSHAKE: u8 = 0;
+/// The server answered with something other than 101 (or a TLS flow before the answer).
+pub const FLOW_ANSWERED: u8 = 1;
+/// A WebSocket (101 seen) or a TLS flow with payload in both directions.
+pub const FLOW_ESTABLISHED: u8 = 2;
+
+/// Key of `FLOWS`, oriented client → server. IPv4 addresses are IPv4-mapped IPv6.
+/// Ports are in network byte order, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub first_seen_ns: u64,
+    /// A [`crate::Verdict`] as `u8`.
+    pub verdict: u8,
+    /// A [`crate::BadReason`] as `u8`, meaningful when `verdict` is bad.
+    pub reason: u8,
+    pub state: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of `RATES`, keyed by the client address (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateValue {
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub reasons: [u32; crate::http::BAD_REASONS],
+    /// Watched port (host order) of the latest bad handshake.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Ring-buffer record: a source reached the threshold in a window. One per source per window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BurstEvent {
+    /// IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub reasons: [u32; crate::http::BAD_REASONS],
+    /// Watched port (host order).
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `[0; 10] ++ [0xff; 2] ++ v4`: how IPv4 addresses are keyed in the 16-byte maps.
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]`, `Copy`, no padding (gaps are explicit `_pad` fields), no pointers:
+    // every bit pattern is a valid value. The same holds for each impl below.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BanValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RateValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BurstEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(
+            size_of::<Config>(),
+            8 + 4 * 6 + MAX_PATHS + MAX_PATHS * PATH_LEN
+        );
+        assert_eq!(size_of::<BanValue>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<RateValue>(), 8 + 4 + 24 + 4);
+        assert_eq!(size_of::<BurstEvent>(), 16 + 8 + 4 + 24 + 4);
+    }
+
+    #[test]
+    fn counters_are_contiguous() {
+        assert_eq!(Counter::BadReason0 as u32, 12);
+        assert_eq!(COUNTERS_LEN, 19);
+    }
+
+    #[test]
+    fn path_scope() {
+        let mut c = Config::new();
+        assert!(c.path_in_scope(b"/anything"));
+        c.flags |= CFG_PATH_SCOPE;
+        assert!(!c.path_in_scope(b"/ws"));
+        c.paths[0][..3].copy_from_slice(b"/ws");
+        c.path_lens[0] = 3;
+        c.n_paths = 1;
+        assert!(c.path_in_scope(b"/ws/chat"));
+        assert!(!c.path_in_scope(b"/api"));
+        assert!(!c.path_in_scope(b"/w"));
+    }
+
+    #[test]
+    fn ban_expiry() {
+        let b = BanValue {
+            expires_ns: 100,
+            ..Default::default()
+        };
+        assert!(!b.is_expired(99));
+        assert!(b.is_expired(100));
+        assert!(!BanValue::default().is_expired(u64::MAX));
+    }
+}

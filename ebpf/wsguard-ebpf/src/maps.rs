@@ -1,0 +1,81 @@
+//! Every map of the data plane. Sizes here are defaults; the agent overrides them at load time
+//! (`--max-bans`) and pins the maps so bans and flows survive agent restarts.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use wsguard_common::{
+    Classifier,
+    maps::{
+        AllowValue, BanValue, COUNTERS_LEN, Config, FlowKey, FlowValue, MAX_INSPECT, RateValue,
+    },
+};
+
+/// Default capacity of each ban map; the agent sets the real one from `--max-bans`.
+const DEFAULT_MAX_BANS: u32 = 1_000_000;
+const MAX_ALLOW: u32 = 4096;
+const MAX_FLOWS: u32 = 262_144;
+const MAX_RATES: u32 = 65_536;
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Indexed by TCP port (host order); non-zero = watched.
+#[map]
+pub static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+// Ban maps are plain hashes and tries, never LRU: a full map refuses new bans (the agent counts
+// them) instead of silently evicting an old one. No prealloc: memory follows the live ban count.
+#[map]
+pub static BANS_V4: HashMap<[u8; 4], BanValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_BANS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static BANS_V6: HashMap<[u8; 16], BanValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_BANS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static BAN_CIDRS_V4: LpmTrie<[u8; 4], BanValue> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_BANS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static BAN_CIDRS_V6: LpmTrie<[u8; 16], BanValue> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_BANS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ALLOW_V4: LpmTrie<[u8; 4], AllowValue> =
+    LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ALLOW_V6: LpmTrie<[u8; 16], AllowValue> =
+    LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
+
+/// Flows on watched ports, inserted at the first request (after the TCP handshake, so spoofed
+/// floods cannot churn it). LRU: losing an old flow only loses its preservation.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Bad-handshake rate per client address. LRU: losing a counter only delays a ban.
+#[map]
+pub static RATES: LruHashMap<[u8; 16], RateValue> = LruHashMap::with_max_entries(MAX_RATES, 0);
+
+/// Burst events for the agent.
+#[map]
+pub static BURSTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-CPU working memory of the classifier: the payload copy is too large for the 512-byte BPF
+/// stack, and the classifier's state lives in map memory, where the verifier allows the bounded
+/// variable-offset writes it makes (the stack does not).
+#[repr(C)]
+pub struct Scratch {
+    pub buf: [u8; MAX_INSPECT],
+    pub clf: Classifier,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

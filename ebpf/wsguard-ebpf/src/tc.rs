@@ -1,0 +1,100 @@
+//! TC egress: read the server's answer to a handshake. Never drops.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::TC_ACT_OK,
+    cty::c_void,
+    helpers::generated::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes},
+    macros::classifier,
+    programs::TcContext,
+};
+use wsguard_common::{
+    BadReason, Verdict,
+    http::response_status,
+    maps::{Counter, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_HANDSHAKE, FlowKey},
+};
+
+use crate::{
+    counters::count,
+    inspect::record_bad,
+    maps::{CONFIG, FLOWS, PORTS},
+    parse::{IPPROTO_TCP, parse_l3, parse_tcp},
+};
+
+/// Bytes of the status line we read: `HTTP/1.1 101`.
+const STATUS_LEN: usize = 12;
+const TLS_HANDSHAKE: u8 = 0x16;
+const TLS_APP_DATA: u8 = 0x17;
+
+#[classifier]
+pub fn wsguard_tc_egress(ctx: TcContext) -> i32 {
+    let _ = try_egress(&ctx);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<(), ()> {
+    let l3 = parse_l3(ctx, ctx.len() as usize).map_err(|_| ())?;
+    if l3.proto != Some(IPPROTO_TCP) {
+        return Ok(());
+    }
+    let tcp = parse_tcp(ctx, &l3).map_err(|_| ())?;
+    // A status line, or a TLS record header, fits in the first 12 bytes of any real answer.
+    if tcp.payload_len < STATUS_LEN || !PORTS.get(tcp.sport as u32).is_some_and(|w| *w != 0) {
+        return Ok(());
+    }
+    let mut head = [0u8; STATUS_LEN];
+    // SAFETY: `head` is STATUS_LEN writable bytes; the helper checks the skb bounds itself.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr() as *const _,
+            tcp.payload_off as u32,
+            head.as_mut_ptr() as *mut c_void,
+            STATUS_LEN as u32,
+        )
+    };
+    if rc != 0 {
+        return Ok(());
+    }
+    if !(head[0] == b'H' || head[0] == TLS_HANDSHAKE || head[0] == TLS_APP_DATA) {
+        return Ok(());
+    }
+    // Egress packets go server -> client; flows are keyed client -> server.
+    let key = FlowKey {
+        client: l3.dst16(),
+        server: l3.src16(),
+        client_port: tcp.dport.to_be(),
+        server_port: tcp.sport.to_be(),
+    };
+    let flow = FLOWS.get_ptr_mut(&key).ok_or(())?;
+    // SAFETY: a live map value; only the egress path of this flow writes `state` after insert.
+    let flow = unsafe { &mut *flow };
+    if flow.state != FLOW_HANDSHAKE {
+        return Ok(());
+    }
+    if flow.verdict == Verdict::Tls as u8 {
+        // Payload in both directions: for TLS that is as established as we can see.
+        flow.state = FLOW_ESTABLISHED;
+        return Ok(());
+    }
+    let Some(status) = response_status(&head) else {
+        return Ok(());
+    };
+    flow.state = if status == 101 {
+        FLOW_ESTABLISHED
+    } else {
+        FLOW_ANSWERED
+    };
+    if (500..600).contains(&status) {
+        // The server's fault (outage, deploy): never counted against the client.
+        count(Counter::UpstreamErrors);
+    } else if (400..500).contains(&status) && flow.verdict == Verdict::Valid as u8 {
+        // Bad requests were counted on ingress already; only count what looked valid there.
+        count(Counter::HsBad);
+        let cfg = CONFIG.get(0).ok_or(())?;
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        record_bad(&key.client, BadReason::ServerRejected, tcp.sport, cfg, now);
+    }
+    Ok(())
+}

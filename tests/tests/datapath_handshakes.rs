@@ -1,0 +1,194 @@
+//! The classifier corpus replayed through the kernel: each case is the first payload of a fresh
+//! flow on a watched port, and the verdict the XDP program stores in FLOWS must equal both the
+//! corpus's EXPECTED line and the host `classify()` on the same bytes: one classifier, two
+//! places, same answers.
+
+use std::path::Path;
+use wsguard_common::{
+    BadReason, Verdict,
+    http::classify,
+    maps::{Config, Counter, MAX_INSPECT},
+};
+use wsguard_tests::{
+    dataplane::{DataPlane, Delta, XDP_PASS, flow_key},
+    packet::Pkt,
+};
+
+/// BPF_PROG_TEST_RUN gives XDP one page minus head- and tailroom; stay well inside it.
+const MAX_FRAME: usize = 3000;
+
+struct Case {
+    name: String,
+    verdict: Verdict,
+    reason: Option<BadReason>,
+    payload: Vec<u8>,
+}
+
+fn corpus() -> Vec<Case> {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/wsguard-common/corpus/handshakes");
+    let expected = std::fs::read_to_string(dir.join("EXPECTED")).expect("EXPECTED");
+    expected
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let verdict = (0..5)
+                .filter_map(Verdict::from_u8)
+                .find(|v| v.as_str() == w[1])
+                .unwrap_or_else(|| panic!("EXPECTED: unknown verdict in {l:?}"));
+            let reason = w.get(2).map(|r| {
+                BadReason::ALL
+                    .into_iter()
+                    .find(|b| b.as_str() == *r)
+                    .unwrap_or_else(|| panic!("reason in {l:?}"))
+            });
+            let payload =
+                std::fs::read(dir.join(w[0])).unwrap_or_else(|e| panic!("case {}: {e}", w[0]));
+            Case {
+                name: w[0].to_owned(),
+                verdict,
+                reason,
+                payload,
+            }
+        })
+        .collect()
+}
+
+fn verdict_counter(v: Verdict) -> Counter {
+    match v {
+        Verdict::Valid => Counter::HsValid,
+        Verdict::Bad => Counter::HsBad,
+        Verdict::Incomplete => Counter::HsIncomplete,
+        Verdict::Tls => Counter::HsTls,
+        Verdict::Ignored => Counter::HsIgnored,
+    }
+}
+
+/// The kernel only judges payloads whose first byte may start a request (see inspect.rs); the
+/// rest pass uninspected, which must agree with the classifier calling them `ignored`.
+fn kernel_inspects(payload: &[u8]) -> bool {
+    !payload.is_empty() && (payload[0].is_ascii_uppercase() || payload[0] == 0x16)
+}
+
+#[test]
+fn kernel_and_host_classify_the_corpus_alike() {
+    let cases = corpus();
+    assert!(cases.len() >= 80, "corpus has only {} cases", cases.len());
+    let mut dp = DataPlane::load(&[8080]).expect("load data plane");
+    let host_cfg = Config::new();
+    let (mut replayed, mut skipped, mut uninspected) = (0, Vec::new(), 0);
+    for (i, c) in cases.iter().enumerate() {
+        let host = classify(&c.payload, &host_cfg);
+        assert_eq!(
+            (host.verdict, host.reason),
+            (c.verdict, c.reason),
+            "{}: host vs EXPECTED",
+            c.name
+        );
+
+        let client = format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250);
+        let sport = 30000 + i as u16;
+        let frame = Pkt::tcp(&client, sport, "198.18.1.1", 8080)
+            .payload(&c.payload)
+            .build();
+        if frame.len() > MAX_FRAME {
+            skipped.push(c.name.clone());
+            continue;
+        }
+        let (action, delta) = dp.xdp_counted(&frame).unwrap();
+        assert_eq!(action, XDP_PASS, "{}: inspection never drops", c.name);
+        let flow = dp
+            .flow(&flow_key(&client, sport, "198.18.1.1", 8080))
+            .unwrap();
+        if !kernel_inspects(&c.payload) {
+            assert_eq!(
+                c.verdict,
+                Verdict::Ignored,
+                "{}: skipped by the kernel but judged by the host",
+                c.name
+            );
+            assert!(
+                flow.is_none(),
+                "{}: uninspected payloads record no flow",
+                c.name
+            );
+            assert_eq!(delta, Delta::of(&[Counter::Passed]), "{}", c.name);
+            uninspected += 1;
+            continue;
+        }
+        let flow = flow.unwrap_or_else(|| panic!("{}: no flow recorded", c.name));
+        let kernel = (
+            Verdict::from_u8(flow.verdict),
+            c.reason.map(|_| BadReason::from_u8(flow.reason)).flatten(),
+        );
+        assert_eq!(
+            kernel,
+            (Some(c.verdict), c.reason),
+            "{}: kernel vs EXPECTED",
+            c.name
+        );
+        let mut want = Delta::of(&[Counter::Passed, verdict_counter(c.verdict)]);
+        if let Some(r) = c.reason {
+            want = want.and_at(Counter::BadReason0 as u32 + r as u32, 1);
+        }
+        assert_eq!(delta, want, "{}: counters", c.name);
+        replayed += 1;
+    }
+    println!(
+        "classifier corpus: {replayed} judged in the kernel, {uninspected} waved through uninspected, \
+         {} skipped (frame > {MAX_FRAME} bytes): {skipped:?}",
+        skipped.len()
+    );
+    assert!(skipped.is_empty(), "every case fits one test frame");
+    assert!(
+        replayed >= 60,
+        "only {replayed} cases reached the classifier"
+    );
+}
+
+/// Past MAX_INSPECT bytes the kernel stops reading: a header block that ends later is
+/// incomplete there and on the host alike.
+#[test]
+fn requests_longer_than_the_inspected_bytes_are_incomplete() {
+    let mut dp = DataPlane::load(&[8080]).expect("load data plane");
+    let filler = "a".repeat(MAX_INSPECT);
+    let req = format!(
+        "GET / HTTP/1.1\r\nX-Filler: {filler}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    assert_eq!(
+        classify(req.as_bytes(), &Config::new()).verdict,
+        Verdict::Incomplete
+    );
+    let frame = Pkt::tcp("198.18.0.5", 40000, "198.18.1.1", 8080)
+        .payload(req.as_bytes())
+        .build();
+    assert_eq!(dp.xdp(&frame).unwrap(), XDP_PASS);
+    let flow = dp
+        .flow(&flow_key("198.18.0.5", 40000, "198.18.1.1", 8080))
+        .unwrap()
+        .expect("flow");
+    assert_eq!(Verdict::from_u8(flow.verdict), Some(Verdict::Incomplete));
+}
+
+/// A request split after its first byte is judged once, as incomplete: the rest of it must not
+/// be taken for a new request (`ET / ...` would be a bad method against a healthy client).
+#[test]
+fn a_request_split_after_one_byte_is_judged_once() {
+    let mut dp = DataPlane::load(&[8080]).expect("load data plane");
+    let req = wsguard_tests::packet::ws_request("/");
+    let pkt = |p: &[u8]| {
+        Pkt::tcp("198.18.0.6", 40000, "198.18.1.1", 8080)
+            .payload(p)
+            .build()
+    };
+    let (_, first) = dp.xdp_counted(&pkt(&req[..1])).unwrap();
+    assert_eq!(first, Delta::of(&[Counter::Passed, Counter::HsIncomplete]));
+    let (_, rest) = dp.xdp_counted(&pkt(&req[1..])).unwrap();
+    assert_eq!(
+        rest,
+        Delta::of(&[Counter::Passed]),
+        "the rest is not a first request"
+    );
+}

@@ -1,0 +1,159 @@
+//! Install what building and testing wsguard needs, and only what is missing.
+//!
+//! Each prerequisite is checked cheaply first, so a second run does nothing and is fast. When
+//! something cannot be installed here (not root, no network), the error names the prerequisite
+//! and the exact command that installs it.
+
+use anyhow::{Result, bail};
+use std::process::Command;
+
+use crate::cmd::{output, sh, show};
+
+const NIGHTLY: &str = "nightly";
+/// bpf-linker is built against this LLVM (Debian's llvm-22 packages).
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13";
+/// Libraries bpf-linker links to, and the headers it builds against.
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+/// Real peers the integration tests drive.
+pub const LAB_PACKAGES: &[&str] = &["iproute2", "nginx", "procps", "util-linux"];
+
+/// What a run did, for the summary line.
+#[derive(Default)]
+pub struct Report {
+    pub installed: Vec<String>,
+}
+
+pub fn run_with(packages: &[&str]) -> Result<Report> {
+    let mut report = Report::default();
+    nightly_rust_src(&mut report)?;
+    apt_packages(LLVM_PACKAGES.iter().chain(packages).copied(), &mut report)?;
+    bpf_linker(&mut report)?;
+    if report.installed.is_empty() {
+        println!("bootstrap: all prerequisites present, nothing to do");
+    } else {
+        println!("bootstrap: installed {}", report.installed.join(", "));
+    }
+    Ok(report)
+}
+
+pub fn run() -> Result<Report> {
+    run_with(&[])
+}
+
+fn nightly_rust_src(report: &mut Report) -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]));
+    if installed
+        .as_deref()
+        .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
+    {
+        println!("ok: {NIGHTLY} toolchain with rust-src");
+        return Ok(());
+    }
+    println!("missing: rust-src for the {NIGHTLY} toolchain (builds `core` for the BPF target)");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "toolchain",
+        "install",
+        NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]);
+    try_install(&mut cmd, "rust-src (nightly)")?;
+    report.installed.push("rust-src (nightly)".into());
+    Ok(())
+}
+
+fn apt_packages<'a>(wanted: impl Iterator<Item = &'a str>, report: &mut Report) -> Result<()> {
+    let missing: Vec<&str> = wanted.filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        println!("ok: Debian packages present");
+        return Ok(());
+    }
+    println!("missing Debian packages: {}", missing.join(" "));
+    if !is_root() {
+        bail!(
+            "cannot install {} without root; run: sudo apt-get update && sudo apt-get install -y {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    try_install(
+        Command::new("apt-get").arg("update").arg("-q"),
+        "the apt package lists",
+    )?;
+    let mut install = Command::new("apt-get");
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q"])
+        .args(&missing);
+    try_install(&mut install, &missing.join(", "))?;
+    report
+        .installed
+        .extend(missing.iter().map(|s| s.to_string()));
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn bpf_linker(report: &mut Report) -> Result<()> {
+    // Running it proves both that it is there and that the LLVM libraries it links to load.
+    let version = output(Command::new("bpf-linker").arg("--version"));
+    if let Some(v) = version.as_deref()
+        && v.split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(BPF_LINKER_VERSION))
+    {
+        println!("ok: {}", v.trim());
+        return Ok(());
+    }
+    match version {
+        Some(v) => println!("bpf-linker {} found, want {BPF_LINKER_VERSION}.x", v.trim()),
+        None => println!("missing: bpf-linker (links the BPF object; built against LLVM 22)"),
+    }
+    println!("building bpf-linker against {LLVM_PREFIX} (a few minutes)");
+    let mut cmd = Command::new("cargo");
+    cmd.env("LLVM_PREFIX", LLVM_PREFIX).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        &format!("~{BPF_LINKER_VERSION}"),
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+        "--locked",
+        "--force",
+    ]);
+    try_install(&mut cmd, "bpf-linker")?;
+    report.installed.push("bpf-linker".into());
+    Ok(())
+}
+
+fn try_install(cmd: &mut Command, what: &str) -> Result<()> {
+    sh(cmd).map_err(|e| {
+        anyhow::anyhow!(
+            "could not install {what}: {e}\n  install it by hand with: {}",
+            show(cmd)
+        )
+    })
+}
+
+pub fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}

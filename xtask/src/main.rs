@@ -1,0 +1,35 @@
+//! `cargo xtask`: everything a fresh machine needs to build and test wsguard, in one place.
+
+mod bootstrap;
+mod cmd;
+mod demo;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    about = "wsguard developer tasks (run as root on a fresh machine: it installs what is missing)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Option<Task>,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check the eBPF build prerequisites and install only what is missing (the default task).
+    Bootstrap,
+    /// The whole test suite: bootstrap, format, lints, unit, kernel and integration tests.
+    Test,
+    /// Bootstrap, build, and show wsguard on its embedded defaults.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task.unwrap_or(Task::Bootstrap) {
+        Task::Bootstrap => bootstrap::run().map(drop),
+        Task::Test => test::run(),
+        Task::Demo => demo::run_demo(),
+    }
+}
