@@ -41,13 +41,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let reject = Arc::new(args.reject_paths);
-    let mut tasks = Vec::new();
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).await?;
         // The lab waits for this line before it sends traffic.
         println!("listening on {}", listener.local_addr()?);
         let reject = reject.clone();
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
@@ -56,11 +55,10 @@ async fn main() -> anyhow::Result<()> {
                     Err(e) => eprintln!("accept: {e}"),
                 }
             }
-        }));
+        });
     }
-    for t in tasks {
-        t.await?;
-    }
+    // The accept loops run until the lab stops this process.
+    std::future::pending::<()>().await;
     Ok(())
 }
 
@@ -138,7 +136,7 @@ fn verdict<'a>(
         let msg = "Missing \"Sec-WebSocket-Key\" header".to_owned();
         return Err(("400 Bad Request", "", msg));
     };
-    if reject.iter().any(|p| head.path == *p) {
+    if reject.contains(&head.path) {
         let msg = format!(
             "Handshake rejected by the application for path {}",
             head.path

@@ -58,7 +58,10 @@ impl Agent {
             .stderr(out)
             .spawn()
             .context("spawn nsenter wsguard agent")?;
-        Ok(Self { child: Some(child), log: log.to_owned() })
+        Ok(Self {
+            child: Some(child),
+            log: log.to_owned(),
+        })
     }
 
     pub fn log_text(&self) -> String {
@@ -75,7 +78,10 @@ impl Agent {
             if let Some(c) = self.child.as_mut()
                 && let Some(st) = c.try_wait()?
             {
-                bail!("agent exited ({st}) before {needle:?}:\n{}", self.log_text());
+                bail!(
+                    "agent exited ({st}) before {needle:?}:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > end {
                 bail!("no {needle:?} within {timeout:?}:\n{}", self.log_text());

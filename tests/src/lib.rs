@@ -3,5 +3,6 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod lab;
 pub mod netns;
 pub mod packet;

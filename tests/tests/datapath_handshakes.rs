@@ -120,7 +120,7 @@ fn kernel_and_host_classify_the_corpus_alike() {
         let flow = flow.unwrap_or_else(|| panic!("{}: no flow recorded", c.name));
         let kernel = (
             Verdict::from_u8(flow.verdict),
-            c.reason.map(|_| BadReason::from_u8(flow.reason)).flatten(),
+            c.reason.and_then(|_| BadReason::from_u8(flow.reason)),
         );
         assert_eq!(
             kernel,

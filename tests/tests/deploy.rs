@@ -153,7 +153,9 @@ fn apply_kustomization(dir: &Path, docs: &mut Vec<Value>) {
     for img in k["images"].as_array().into_iter().flatten() {
         for d in docs.iter_mut() {
             // pointer_mut, not indexing: indexing a Value mutably inserts the missing keys.
-            let Some(spec) = d.pointer_mut("/spec/template/spec") else { continue };
+            let Some(spec) = d.pointer_mut("/spec/template/spec") else {
+                continue;
+            };
             for list in ["containers", "initContainers"] {
                 for c in spec
                     .get_mut(list)

@@ -21,14 +21,24 @@ pub fn pip_packages(pkgs: &[&str]) -> Result<()> {
     }
     println!("missing Python packages: {}", missing.join(" "));
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
     // pip warns about running as root on every install; the bootstrap runs as root by design.
     if crate::bootstrap::is_root() {
         cmd.arg("--root-user-action=ignore");
     }
     cmd.args(&missing);
     sh(&mut cmd).map_err(|e| {
-        anyhow!("could not install {}: {e}\n  install it by hand with: {}", missing.join(", "), show(&cmd))
+        anyhow!(
+            "could not install {}: {e}\n  install it by hand with: {}",
+            missing.join(", "),
+            show(&cmd)
+        )
     })
 }
 
@@ -38,5 +48,8 @@ fn pip_installed(req: &str) -> bool {
         return false;
     };
     version.is_empty()
-        || info.lines().any(|l| l.strip_prefix("Version:").is_some_and(|v| v.trim() == version))
+        || info.lines().any(|l| {
+            l.strip_prefix("Version:")
+                .is_some_and(|v| v.trim() == version)
+        })
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask`: everything a fresh machine needs to build and test wsguard, in one place.
 
+mod bench;
 mod bootstrap;
+mod bootstrap_py;
 mod cmd;
 mod demo;
 mod test;
@@ -24,6 +26,8 @@ enum Task {
     Test,
     /// Bootstrap, build, and show wsguard on its embedded defaults.
     Demo,
+    /// Data-plane benchmark: ns per packet of each path, as ratios to bare programs (root).
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bootstrap => bootstrap::run().map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run_demo(),
+        Task::Bench => bench::run(),
     }
 }

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use crate::{
     bootstrap::{self, LAB_PACKAGES},
+    bootstrap_py,
     cmd::{Timings, root, sh},
 };
 
@@ -15,7 +16,10 @@ pub fn run_all(t: &mut Timings) -> Result<()> {
              (sudo cargo xtask test)"
         );
     }
-    t.step("bootstrap", || bootstrap::run_with(LAB_PACKAGES).map(drop))?;
+    t.step("bootstrap", || {
+        bootstrap::run_with(LAB_PACKAGES)?;
+        bootstrap_py::pip_packages(bootstrap_py::PY_PACKAGES)
+    })?;
     let cargo = || {
         let mut c = Command::new("cargo");
         c.current_dir(root());

@@ -216,22 +216,22 @@ pub fn tc(
             // The filter is gone (removed by hand): attach fresh below.
         }
     }
-    if !force_clsact {
-        if let Ok(id) = prog.attach_with_options(
+    if !force_clsact
+        && let Ok(id) = prog.attach_with_options(
             iface,
             TcAttachType::Egress,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
-        ) {
-            let link = prog.take_link(id).map_err(|e| other(e.to_string()))?;
-            let Some(pins) = pins else {
-                std::mem::forget(link);
-                return Ok("tcx");
-            };
-            let fd = FdLink::try_from(link).map_err(|e| other(e.to_string()))?;
-            fd.pin(pins.tc_link(iface))
-                .map_err(|e| other(format!("pin the TC link of {iface}: {e}")))?;
+        )
+    {
+        let link = prog.take_link(id).map_err(|e| other(e.to_string()))?;
+        let Some(pins) = pins else {
+            std::mem::forget(link);
             return Ok("tcx");
-        }
+        };
+        let fd = FdLink::try_from(link).map_err(|e| other(e.to_string()))?;
+        fd.pin(pins.tc_link(iface))
+            .map_err(|e| other(format!("pin the TC link of {iface}: {e}")))?;
+        return Ok("tcx");
     }
     // Kernels before 6.6: a clsact qdisc and a netlink filter. The qdisc may already exist.
     let _ = qdisc_add_clsact(iface);
@@ -263,9 +263,7 @@ pub fn pinned_interfaces(pins: &PinDir) -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let n = e.file_name().into_string().ok()?;
-            n.strip_suffix(".xdp")
-                .or_else(|| n.strip_suffix(".tc"))
-                .map(str::to_owned)
+            pins::parse_link_name(&n).map(|(iface, _)| iface)
         })
         .collect();
     out.sort();

@@ -6,14 +6,15 @@
 //! ```text
 //! <pin_dir>/layout                 symlink -> "layout-v<LAYOUT_VERSION>-build-<fnv64 of OBJECT>"
 //! <pin_dir>/maps/<NAME>            every map of wsguard_common::maps::names except SCRATCH
-//! <pin_dir>/maps.new/<NAME>        only during a migration: the fresh maps, before the swap
-//! <pin_dir>/links/<iface>.xdp      pinned XDP bpf_link (or symlink "netlink:<mode>" if aya fell
+//! <pin_dir>/maps_new/<NAME>        only during a migration: the fresh maps, before the swap
+//! <pin_dir>/links/<iface>_xdp      pinned XDP bpf_link (or symlink "netlink:<mode>" if aya fell
 //!                                  back to a netlink attachment, which cannot be pinned)
-//! <pin_dir>/links/<iface>.xdp-mode symlink -> "native" | "generic"
-//! <pin_dir>/links/<iface>.tc       pinned TCX bpf_link (or symlink "clsact:<prio>:<handle>")
+//! <pin_dir>/links/<iface>_xdpmode  symlink -> "native" | "generic"
+//! <pin_dir>/links/<iface>_tc       pinned TCX bpf_link (or symlink "clsact:<prio>:<handle>")
 //! ```
 //!
-//! bpffs holds no regular files, hence the symlinks as records.
+//! bpffs holds no regular files, hence the symlinks as records; it refuses dots in names, hence
+//! `_` separators and `%2e` for a dot in an interface name.
 //!
 //! Lifecycle: [`DataPath::open`] adopts the pinned generation when it is this build (same
 //! program ids, nothing touched), swaps a different build in through each pinned link

@@ -1,7 +1,8 @@
 //! The pin directory: where maps and links live on bpffs, the layout record, and the kill switch.
 //!
 //! bpffs holds only pins, directories and symlinks (no regular files), so the small records
-//! wsguard keeps there are symlinks whose target is the text.
+//! wsguard keeps there are symlinks whose target is the text. bpffs also refuses names with a
+//! dot (EPERM, reserved by the kernel), so interface names are escaped in pin names.
 
 use std::{
     fs, io,
@@ -18,9 +19,42 @@ use super::{DataPathError, sys};
 
 pub const MAPS: &str = "maps";
 /// Fresh maps of a migration, filled before the program swap, renamed over `maps/` after it.
-pub const MAPS_NEW: &str = "maps.new";
+pub const MAPS_NEW: &str = "maps_new";
 pub const LINKS: &str = "links";
 pub const LAYOUT: &str = "layout";
+pub const XDP_SUFFIX: &str = "_xdp";
+pub const TC_SUFFIX: &str = "_tc";
+pub const MODE_SUFFIX: &str = "_xdpmode";
+
+/// An interface name as a bpffs name: `%` and `.` (VLAN devices like `eth0.100`) escaped.
+pub fn escape(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2e")
+}
+
+pub fn unescape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let (ch, skip) = match tail.get(..3) {
+            Some("%2e") => ('.', 3),
+            Some("%25") => ('%', 3),
+            _ => ('%', 1),
+        };
+        out.push(ch);
+        rest = &tail[skip..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The interface a link pin belongs to, and which link it is.
+pub fn parse_link_name(name: &str) -> Option<(String, &'static str)> {
+    [XDP_SUFFIX, TC_SUFFIX]
+        .into_iter()
+        .find_map(|sfx| name.strip_suffix(sfx).map(|i| (unescape(i), sfx)))
+}
 
 #[derive(Clone, Debug)]
 pub struct PinDir {
@@ -43,14 +77,14 @@ impl PinDir {
         self.root.join(LINKS)
     }
     pub fn xdp_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("{iface}.xdp"))
+        self.links().join(format!("{}{XDP_SUFFIX}", escape(iface)))
     }
     pub fn tc_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("{iface}.tc"))
+        self.links().join(format!("{}{TC_SUFFIX}", escape(iface)))
     }
-    /// Symlink next to `<iface>.xdp` naming its attach mode (link info does not carry it).
+    /// Symlink next to the XDP link naming its attach mode (link info does not carry it).
     pub fn xdp_mode(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("{iface}.xdp-mode"))
+        self.links().join(format!("{}{MODE_SUFFIX}", escape(iface)))
     }
 
     /// Make sure the pin directory is on bpffs, mounting bpffs on its parent when that is an
@@ -155,7 +189,9 @@ pub fn read_record(path: &Path) -> Option<String> {
 
 /// Replace a record atomically: a half-written record must never be read back.
 pub fn write_record(path: &Path, text: &str) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!("_tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(text, &tmp)?;
     fs::rename(&tmp, path)
@@ -165,7 +201,7 @@ pub fn is_record(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
-/// `links/<iface>.tc` as a record of a clsact filter (kernels without TCX).
+/// The TC link pin as a record of a clsact filter (kernels without TCX).
 pub fn clsact_record(priority: u16, handle: TcHandle) -> String {
     format!("clsact:{priority}:{}", u32::from(handle))
 }
@@ -210,9 +246,8 @@ fn detach_one(path: &Path) -> Result<(), String> {
         .to_owned();
     if is_record(path) {
         let text = read_record(path).unwrap_or_default();
-        if let (Some(iface), Some((priority, handle))) =
-            (name.strip_suffix(".tc"), parse_clsact(&text))
-        {
+        let link = parse_link_name(&name);
+        if let (Some((iface, TC_SUFFIX)), Some((priority, handle))) = (&link, parse_clsact(&text)) {
             if sys::ifindex(iface).is_some() {
                 let link = SchedClassifierLink::attached(
                     iface,
@@ -225,14 +260,13 @@ fn detach_one(path: &Path) -> Result<(), String> {
                 link.detach()
                     .map_err(|e| format!("remove the clsact filter: {e}"))?;
             }
-        } else if let (Some(iface), Some(mode)) =
-            (name.strip_suffix(".xdp"), text.strip_prefix("netlink:"))
+        } else if let (Some((iface, XDP_SUFFIX)), Some(mode)) =
+            (&link, text.strip_prefix("netlink:"))
+            && sys::ifindex(iface).is_some()
         {
-            if sys::ifindex(iface).is_some() {
-                return Err(format!(
-                    "XDP is attached through netlink ({mode}), which has no link to detach: run `ip link set dev {iface} xdp off`"
-                ));
-            }
+            return Err(format!(
+                "XDP is attached through netlink ({mode}), which has no link to detach: run `ip link set dev {iface} xdp off`"
+            ));
         }
         return fs::remove_file(path).map_err(|e| e.to_string());
     }
@@ -244,5 +278,23 @@ fn detach_one(path: &Path) -> Result<(), String> {
         // A defunct link (its interface is gone) has nothing left to detach.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLINK | libc::EINVAL)) => Ok(()),
         Err(e) => Err(format!("BPF_LINK_DETACH: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_have_no_dots_and_round_trip() {
+        let pins = PinDir::new(Path::new("/p"));
+        for iface in ["eth0", "eth0.100", "a%2eb", "x_xdp"] {
+            for path in [pins.xdp_link(iface), pins.tc_link(iface)] {
+                let name = path.file_name().unwrap().to_str().unwrap();
+                assert!(!name.contains('.'), "{name}");
+                assert_eq!(parse_link_name(name).unwrap().0, iface);
+            }
+        }
+        assert_eq!(parse_link_name("eth0_xdpmode"), None);
     }
 }

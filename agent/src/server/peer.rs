@@ -47,7 +47,9 @@ impl Peer {
             Some(g) => format!(
                 "permission denied: mutating wsguard needs root or group {g} (you are {who}); run as root"
             ),
-            None => format!("permission denied: mutating wsguard needs root (you are {who}); run as root"),
+            None => format!(
+                "permission denied: mutating wsguard needs root (you are {who}); run as root"
+            ),
         }))
     }
 }
@@ -58,9 +60,11 @@ fn supplementary(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -82,7 +86,11 @@ mod tests {
         assert!(peer(0, 0).check_mutate(None).is_ok());
         assert!(peer(1000, 50).check_mutate(Some(50)).is_ok());
         let e = peer(1000, 51).check_mutate(Some(50)).unwrap_err();
-        assert!(e.message.contains("needs root or group 50"), "{}", e.message);
+        assert!(
+            e.message.contains("needs root or group 50"),
+            "{}",
+            e.message
+        );
         assert!(peer(1000, 50).check_mutate(None).is_err());
         let unknown = Peer {
             uid: None,

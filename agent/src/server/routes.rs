@@ -40,7 +40,10 @@ const BODY_LIMIT: usize = 64 << 20;
 pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/v1/bans", get(ban_list).post(ban_add).delete(ban_rm))
-        .route("/v1/allow", get(allow_list).post(allow_add).delete(allow_rm))
+        .route(
+            "/v1/allow",
+            get(allow_list).post(allow_add).delete(allow_rm),
+        )
         .route("/v1/stats", get(stats))
         .route("/v1/top", get(top))
         .route("/v1/flows", get(flows))
@@ -97,11 +100,16 @@ struct BanListQuery {
     limit: Option<usize>,
 }
 
-async fn ban_list(State(ctx): Shared, q: Result<Query<BanListQuery>, QueryRejection>) -> Reply<Vec<BanJson>> {
+async fn ban_list(
+    State(ctx): Shared,
+    q: Result<Query<BanListQuery>, QueryRejection>,
+) -> Reply<Vec<BanJson>> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX);
     let offset = q.offset.unwrap_or(0);
-    run(&ctx, move |b| b.ban_list(q.source, offset, limit)).await.map(Json)
+    run(&ctx, move |b| b.ban_list(q.source, offset, limit))
+        .await
+        .map(Json)
 }
 
 async fn ban_add(
@@ -112,17 +120,37 @@ async fn ban_add(
     let req = body(req)?;
     let reason = req.reason.clone();
     let ttl = ttl_of(req.ttl_s, req.permanent);
-    mutate(&ctx, peer, move |b| b.ban_add(req), move |bans, log, p| {
-        let addrs = bans.iter().map(|b| cidr_text(&b.addr, b.prefix_len)).collect();
-        log.append(p, &Record { verb: "ban add", addrs, reason: reason.as_deref(), ttl });
-    })
+    mutate(
+        &ctx,
+        peer,
+        move |b| b.ban_add(req),
+        move |bans, log, p| {
+            let addrs = bans
+                .iter()
+                .map(|b| cidr_text(&b.addr, b.prefix_len))
+                .collect();
+            log.append(
+                p,
+                &Record {
+                    verb: "ban add",
+                    addrs,
+                    reason: reason.as_deref(),
+                    ttl,
+                },
+            );
+        },
+    )
     .await
     .map(Json)
 }
 
 fn cidr_text(addr: &str, prefix: u8) -> String {
     let host = if addr.contains(':') { 128 } else { 32 };
-    if prefix == host { addr.to_owned() } else { format!("{addr}/{prefix}") }
+    if prefix == host {
+        addr.to_owned()
+    } else {
+        format!("{addr}/{prefix}")
+    }
 }
 
 async fn ban_rm(
@@ -131,15 +159,28 @@ async fn ban_rm(
     req: Result<Json<RemoveRequest>, JsonRejection>,
 ) -> Reply<RemoveResponse> {
     let req = body(req)?;
-    mutate(&ctx, peer, move |b| b.ban_rm(req), |r, log, p| removed(r, "ban rm", log, p))
-        .await
-        .map(Json)
+    mutate(
+        &ctx,
+        peer,
+        move |b| b.ban_rm(req),
+        |r, log, p| removed(r, "ban rm", log, p),
+    )
+    .await
+    .map(Json)
 }
 
 fn removed(r: &RemoveResponse, verb: &str, log: &AuditLog, p: &Peer) {
     if !r.removed.is_empty() {
         let addrs = r.removed.clone();
-        log.append(p, &Record { verb, addrs, reason: None, ttl: None });
+        log.append(
+            p,
+            &Record {
+                verb,
+                addrs,
+                reason: None,
+                ttl: None,
+            },
+        );
     }
 }
 
@@ -154,10 +195,23 @@ async fn allow_add(
 ) -> Reply<AllowJson> {
     let req = body(req)?;
     let reason = req.reason.clone();
-    mutate(&ctx, peer, move |b| b.allow_add(req), move |a, log, p| {
-        let addrs = vec![cidr_text(&a.addr, a.prefix_len)];
-        log.append(p, &Record { verb: "allow add", addrs, reason: reason.as_deref(), ttl: None });
-    })
+    mutate(
+        &ctx,
+        peer,
+        move |b| b.allow_add(req),
+        move |a, log, p| {
+            let addrs = vec![cidr_text(&a.addr, a.prefix_len)];
+            log.append(
+                p,
+                &Record {
+                    verb: "allow add",
+                    addrs,
+                    reason: reason.as_deref(),
+                    ttl: None,
+                },
+            );
+        },
+    )
     .await
     .map(Json)
 }
@@ -168,9 +222,14 @@ async fn allow_rm(
     req: Result<Json<RemoveRequest>, JsonRejection>,
 ) -> Reply<RemoveResponse> {
     let req = body(req)?;
-    mutate(&ctx, peer, move |b| b.allow_rm(req), |r, log, p| removed(r, "allow rm", log, p))
-        .await
-        .map(Json)
+    mutate(
+        &ctx,
+        peer,
+        move |b| b.allow_rm(req),
+        |r, log, p| removed(r, "allow rm", log, p),
+    )
+    .await
+    .map(Json)
 }
 
 async fn stats(State(ctx): Shared) -> Reply<StatsJson> {
@@ -182,7 +241,10 @@ struct TopQuery {
     n: Option<usize>,
 }
 
-async fn top(State(ctx): Shared, q: Result<Query<TopQuery>, QueryRejection>) -> Reply<Vec<TopJson>> {
+async fn top(
+    State(ctx): Shared,
+    q: Result<Query<TopQuery>, QueryRejection>,
+) -> Reply<Vec<TopJson>> {
     let n = query(q)?.n.unwrap_or(10).min(PAGE_MAX);
     run(&ctx, move |b| b.top(n)).await.map(Json)
 }
@@ -192,11 +254,16 @@ struct FlowsQuery {
     addr: Option<String>,
 }
 
-async fn flows(State(ctx): Shared, q: Result<Query<FlowsQuery>, QueryRejection>) -> Reply<Vec<FlowJson>> {
+async fn flows(
+    State(ctx): Shared,
+    q: Result<Query<FlowsQuery>, QueryRejection>,
+) -> Reply<Vec<FlowJson>> {
     let addr = match query(q)?.addr {
         None => None,
         Some(a) => Some(a.parse::<IpAddr>().map_err(|_| {
-            ApiError::invalid(format!("invalid address {a:?}: expected an IPv4 or IPv6 address"))
+            ApiError::invalid(format!(
+                "invalid address {a:?}: expected an IPv4 or IPv6 address"
+            ))
         })?),
     };
     run(&ctx, move |b| b.flows(addr)).await.map(Json)
@@ -219,17 +286,46 @@ async fn import(
 ) -> Reply<ImportResponse> {
     let req = body(req)?;
     let addrs: Vec<String> = req.entries.iter().map(|e| e.addr.clone()).collect();
-    mutate(&ctx, peer, move |b| b.import(req), move |_, log, p| {
-        log.append(p, &Record { verb: "import", addrs, reason: None, ttl: None });
-    })
+    mutate(
+        &ctx,
+        peer,
+        move |b| b.import(req),
+        move |_, log, p| {
+            log.append(
+                p,
+                &Record {
+                    verb: "import",
+                    addrs,
+                    reason: None,
+                    ttl: None,
+                },
+            );
+        },
+    )
     .await
     .map(Json)
 }
 
-async fn detach(State(ctx): Shared, ConnectInfo(peer): ConnectInfo<Peer>) -> Reply<serde_json::Value> {
-    mutate(&ctx, peer, |b| b.detach(), |_, log, p| {
-        log.append(p, &Record { verb: "detach", addrs: vec![], reason: None, ttl: None });
-    })
+async fn detach(
+    State(ctx): Shared,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Reply<serde_json::Value> {
+    mutate(
+        &ctx,
+        peer,
+        |b| b.detach(),
+        |_, log, p| {
+            log.append(
+                p,
+                &Record {
+                    verb: "detach",
+                    addrs: vec![],
+                    reason: None,
+                    ttl: None,
+                },
+            );
+        },
+    )
     .await
     .map(|()| Json(serde_json::json!({})))
 }

@@ -63,6 +63,11 @@ mod tests {
         bind(&path).unwrap();
         let plain = dir.path().join("plain");
         fs::write(&plain, "x").unwrap();
-        assert!(bind(&plain).unwrap_err().to_string().contains("not a socket"));
+        assert!(
+            bind(&plain)
+                .unwrap_err()
+                .to_string()
+                .contains("not a socket")
+        );
     }
 }

@@ -38,7 +38,7 @@ pub fn first_request(ctx: &XdpContext, l3: &L3, tcp: &Tcp, cfg: &Config, now: u6
         client_port: tcp.sport.to_be(),
         server_port: tcp.dport.to_be(),
     };
-    if FLOWS.get_ptr(&key).is_some() {
+    if FLOWS.get_ptr(key).is_some() {
         // Not the first request (keep-alive, pipelining, or a retransmission): judged already.
         return;
     }
@@ -90,7 +90,7 @@ pub fn first_request(ctx: &XdpContext, l3: &L3, tcp: &Tcp, cfg: &Config, now: u6
         state: FLOW_HANDSHAKE,
         _pad: [0; 5],
     };
-    let _ = FLOWS.insert(&key, &flow, 0);
+    let _ = FLOWS.insert(key, flow, 0);
     count_verdict(c.verdict);
     if let Some(reason) = c.reason {
         record_bad(&key.client, reason, tcp.dport, cfg, now);
@@ -142,10 +142,11 @@ pub fn record_bad(client: &[u8; 16], reason: BadReason, port: u16, cfg: &Config,
                 rate.reasons = [0; wsguard_common::http::BAD_REASONS];
             }
             rate.port = port;
-            // SAFETY (both): u32 fields of a live map value.
             if r < rate.reasons.len() {
+                // SAFETY: a u32 field of a live map value.
                 unsafe { fetch_add_u32(&mut rate.reasons[r], 1) };
             }
+            // SAFETY: a u32 field of a live map value.
             let before = unsafe { fetch_add_u32(&mut rate.count, 1) };
             before + 1
         }
@@ -159,7 +160,7 @@ pub fn record_bad(client: &[u8; 16], reason: BadReason, port: u16, cfg: &Config,
             if r < fresh.reasons.len() {
                 fresh.reasons[r] = 1;
             }
-            let _ = RATES.insert(client, &fresh, 0);
+            let _ = RATES.insert(client, fresh, 0);
             1
         }
     };

@@ -66,7 +66,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
         client_port: tcp.dport.to_be(),
         server_port: tcp.sport.to_be(),
     };
-    let flow = FLOWS.get_ptr_mut(&key).ok_or(())?;
+    let flow = FLOWS.get_ptr_mut(key).ok_or(())?;
     // SAFETY: a live map value; only the egress path of this flow writes `state` after insert.
     let flow = unsafe { &mut *flow };
     if flow.state != FLOW_HANDSHAKE {

@@ -148,11 +148,12 @@ fn judge_banned(ctx: &XdpContext, l3: &L3, ban: &mut BanValue, cfg: &Config) -> 
 
 #[inline(always)]
 fn allowlisted(l3: &L3) -> bool {
-    // SAFETY (both arms): address bytes were bounds-checked by parse_l3.
     if l3.v6 {
+        // SAFETY: the address bytes were bounds-checked by parse_l3.
         let src = unsafe { (l3.src as *const [u8; 16]).read_unaligned() };
         ALLOW_V6.get(Key::new(128, src)).is_some()
     } else {
+        // SAFETY: the address bytes were bounds-checked by parse_l3.
         let src = unsafe { (l3.src as *const [u8; 4]).read_unaligned() };
         ALLOW_V4.get(Key::new(32, src)).is_some()
     }
@@ -172,7 +173,7 @@ fn preserved(ctx: &XdpContext, l3: &L3, ban: &BanValue) -> bool {
         return false;
     }
     let key = flow_key(l3, &tcp);
-    match FLOWS.get_ptr(&key) {
+    match FLOWS.get_ptr(key) {
         // SAFETY: a live map value, read once.
         Some(flow) => unsafe {
             (*flow).state == FLOW_ESTABLISHED && (*flow).first_seen_ns < ban.created_ns
@@ -198,7 +199,7 @@ fn on_watched_port(ctx: &XdpContext, l3: &L3, tcp: &Tcp, cfg: &Config) {
         return;
     }
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
-        let _ = FLOWS.remove(&flow_key(l3, tcp));
+        let _ = FLOWS.remove(flow_key(l3, tcp));
         return;
     }
     if tcp.payload_len == 0 {

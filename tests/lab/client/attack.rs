@@ -21,8 +21,15 @@ const MAX_IN_FLIGHT: usize = 1024;
 
 /// The request an attacker of `reason` sends: a valid handshake with one thing wrong.
 pub fn request(reason: Reason, target: SocketAddr, path: &str) -> Vec<u8> {
-    let method = if reason == Reason::BadMethod { "POST" } else { "GET" };
-    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", host_header(target));
+    let method = if reason == Reason::BadMethod {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut r = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
+        host_header(target)
+    );
     if reason != Reason::NoUpgrade {
         r.push_str("Upgrade: websocket\r\n");
     }
@@ -34,7 +41,11 @@ pub fn request(reason: Reason, target: SocketAddr, path: &str) -> Vec<u8> {
     if reason != Reason::NoKey {
         r.push_str(&format!("Sec-WebSocket-Key: {KEY}\r\n"));
     }
-    let version = if reason == Reason::BadVersion { "8" } else { "13" };
+    let version = if reason == Reason::BadVersion {
+        "8"
+    } else {
+        "13"
+    };
     r.push_str(&format!("Sec-WebSocket-Version: {version}\r\n"));
     if reason == Reason::BadMethod {
         r.push_str("Content-Length: 0\r\n");
@@ -43,8 +54,14 @@ pub fn request(reason: Reason, target: SocketAddr, path: &str) -> Vec<u8> {
     r.into_bytes()
 }
 
-pub async fn run(args: AttackArgs, mut stop: watch::Receiver<bool>) -> anyhow::Result<AttackSummary> {
-    anyhow::ensure!((1..=100_000).contains(&args.rate), "--rate must be 1..=100000");
+pub async fn run(
+    args: AttackArgs,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<AttackSummary> {
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.rate),
+        "--rate must be 1..=100000"
+    );
     let start = Instant::now();
     let deadline = start + args.duration;
     let req = Arc::new(vec![request(args.reason, args.target, &args.path)]);

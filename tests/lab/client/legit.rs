@@ -32,7 +32,10 @@ struct Worker {
 }
 
 pub async fn run(args: LegitArgs, stop: watch::Receiver<bool>) -> anyhow::Result<LegitSummary> {
-    anyhow::ensure!((1..=10_000).contains(&args.count), "--count must be 1..=10000");
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.count),
+        "--count must be 1..=10000"
+    );
     let target = resolve(&args.target)?;
     let start = Instant::now();
     let deadline = start + args.duration;
@@ -150,7 +153,8 @@ impl Worker {
             }
             seq += 1;
             let text = format!("{}-{seq}", self.id);
-            let sent = tokio::time::timeout(self.args.timeout, ws.send(Message::text(&text)));
+            let sent =
+                tokio::time::timeout(self.args.timeout, ws.send(Message::text(text.as_str())));
             if !matches!(sent.await, Ok(Ok(()))) {
                 self.count(|s| s.failures += 1);
                 return End::Lost;

@@ -67,15 +67,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m, h)"))?;
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let ms = match unit {
         "ms" => n,
         "s" => n * 1_000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }
