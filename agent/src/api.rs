@@ -176,6 +176,12 @@ pub struct ImportEntry {
     pub ttl_s: Option<u64>,
     pub permanent: bool,
     pub reason: Option<String>,
+    /// Observe-only ban (from a JSON export's `"mode": "observe"`).
+    #[serde(default)]
+    pub observe: bool,
+    /// Also drop flows established before the ban (from a JSON export's `"hard": true`).
+    #[serde(default)]
+    pub hard: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

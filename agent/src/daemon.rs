@@ -28,7 +28,7 @@ use crate::{
     api::Backend,
     config::{AgentArgs, AgentConfig, LogFormat},
     datapath::DataPath,
-    paths, server, state,
+    paths, server,
 };
 use shared::Agent;
 
@@ -111,8 +111,7 @@ async fn serve(agent: Arc<Agent>) -> anyhow::Result<()> {
 }
 
 fn shutdown(agent: &Agent) -> anyhow::Result<()> {
-    let snapshot = agent.snapshot();
-    let saved = state::save(&agent.cfg.state_dir, &snapshot);
+    let saved = agent.save_state();
     if let Err(e) = &saved {
         error!("cannot write the state file on exit: {e}");
     }
@@ -191,9 +190,8 @@ async fn saver(agent: Arc<Agent>) {
     loop {
         agent.dirty.notified().await;
         tokio::time::sleep(SAVE_DEBOUNCE).await;
-        let snapshot = agent.snapshot();
-        let dir = agent.cfg.state_dir.clone();
-        match tokio::task::spawn_blocking(move || state::save(&dir, &snapshot)).await {
+        let a = agent.clone();
+        match tokio::task::spawn_blocking(move || a.save_state()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("cannot write the state file: {e}"),
             Err(e) => error!("state writer: {e}"),

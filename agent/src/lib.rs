@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod duration;
+pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod paths;

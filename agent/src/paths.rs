@@ -10,6 +10,10 @@ pub const SOCKET_ENV: &str = "WSGUARD_SOCKET";
 pub const STATE_DIR: &str = "/var/lib/wsguard";
 /// File name of the state inside the state directory.
 pub const STATE_FILE: &str = "state.json";
+/// Present in the state directory while bans are being restored from the state file into
+/// fresh maps (after a reboot): a start that finds it finishes the restore instead of taking
+/// the half-filled pinned maps as the truth.
+pub const RESTORE_MARKER: &str = "restore-pending";
 /// File name of the audit log of API mutations inside the state directory.
 pub const AUDIT_LOG: &str = "audit.log";
 /// Default metrics listen address.

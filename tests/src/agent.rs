@@ -2,6 +2,12 @@
 //! (not `ip netns exec`, whose private mount namespace would hide the pins from the next
 //! start), logs captured to a file, killed on drop so a failing test leaves no process.
 
+pub mod http;
+pub mod lab;
+pub mod stream;
+
+pub use lab::AgentLab;
+
 use anyhow::{Context as _, Result, bail};
 use std::{
     ffi::CString,
@@ -46,6 +52,11 @@ pub struct Agent {
 impl Agent {
     /// `wsguard agent ARGS…` in `ns`.
     pub fn start(ns: &NetNs, log: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_env(ns, log, args, &[])
+    }
+
+    /// Like `start`, with extra environment (the `WSGUARD_TEST_*` hooks).
+    pub fn start_env(ns: &NetNs, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let bin = wsguard_bin()?;
         let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new("nsenter")
@@ -53,6 +64,7 @@ impl Agent {
             .arg(&bin)
             .arg("agent")
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -85,6 +97,25 @@ impl Agent {
             }
             if Instant::now() > end {
                 bail!("no {needle:?} within {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait (bounded) for the agent to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("agent not running")?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                bail!(
+                    "agent still running after {timeout:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

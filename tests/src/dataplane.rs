@@ -7,8 +7,11 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use std::net::IpAddr;
-use wsguard_common::maps::{
-    BanValue, BurstEvent, COUNTERS_LEN, Config, Counter, FlowKey, FlowValue, names,
+use wsguard_common::{
+    filter,
+    maps::{
+        BanValue, BurstEvent, COUNTERS_LEN, Config, Counter, FlowKey, FlowValue, RateValue, names,
+    },
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -91,6 +94,7 @@ impl DataPlane {
     /// Ban an address or CIDR (`prefix` = full length for an exact ban).
     pub fn ban(&mut self, addr: &str, prefix: u32, value: BanValue) -> Result<()> {
         let ip: IpAddr = addr.parse()?;
+        self.clear_filter_for(ip, prefix)?;
         match ip {
             IpAddr::V4(v4) if prefix == 32 => {
                 let mut m: HashMap<_, [u8; 4], BanValue> =
@@ -118,6 +122,67 @@ impl DataPlane {
                 cfg.cidr_v6 += 1;
                 self.set_config(&cfg)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Mark every bucket of the ban pre-filter (`wsguard_common::filter`) of one family
+    /// "proven clean". Call it before banning: [`DataPlane::ban`] then clears the buckets each
+    /// new ban covers, as the agent must.
+    pub fn fill_filter(&mut self, v6: bool) -> Result<()> {
+        let mut a: Array<&mut MapData, u64> = Array::try_from(self.map(names::BAN_FILTER)?)?;
+        let base = if v6 {
+            filter::FILTER_WORDS_PER_FAMILY
+        } else {
+            0
+        };
+        for i in 0..filter::FILTER_WORDS_PER_FAMILY {
+            a.set(base + i, u64::MAX, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Empty the pre-filter (every bucket "maybe banned"), as a fresh map is.
+    pub fn clear_filter(&mut self) -> Result<()> {
+        self.clear_filter_family(false)?;
+        self.clear_filter_family(true)
+    }
+
+    fn clear_filter_family(&mut self, v6: bool) -> Result<()> {
+        let mut a: Array<&mut MapData, u64> = Array::try_from(self.map(names::BAN_FILTER)?)?;
+        let base = if v6 {
+            filter::FILTER_WORDS_PER_FAMILY
+        } else {
+            0
+        };
+        for i in 0..filter::FILTER_WORDS_PER_FAMILY {
+            a.set(base + i, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Set or clear one pre-filter bucket (`bit` of `wsguard_common::filter`).
+    pub fn set_filter_bit(&mut self, bit: u32, v6: bool, clean: bool) -> Result<()> {
+        let mut a: Array<&mut MapData, u64> = Array::try_from(self.map(names::BAN_FILTER)?)?;
+        let (word, mask) = filter::slot(bit, v6);
+        let w = a.get(&word, 0)?;
+        a.set(word, if clean { w | mask } else { w & !mask }, 0)?;
+        Ok(())
+    }
+
+    /// Clear the pre-filter buckets a new ban covers (a no-op on an unfilled filter).
+    fn clear_filter_for(&mut self, ip: IpAddr, prefix: u32) -> Result<()> {
+        match ip {
+            IpAddr::V4(v4) => {
+                let (first, count) = filter::v4_cidr_bits(v4.octets(), prefix);
+                for bit in first..first + count {
+                    self.set_filter_bit(bit, false, false)?;
+                }
+            }
+            IpAddr::V6(v6) => match filter::v6_cidr_bit(&v6.octets(), prefix) {
+                Some(bit) => self.set_filter_bit(bit, true, false)?,
+                None => self.clear_filter_family(true)?,
+            },
         }
         Ok(())
     }
@@ -161,6 +226,18 @@ impl DataPlane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Entries of the flow table.
+    pub fn flows_len(&mut self) -> Result<usize> {
+        let m: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(self.map(names::FLOWS)?)?;
+        Ok(m.keys().count())
+    }
+
+    /// Entries of the bad-handshake rate table.
+    pub fn rates_len(&mut self) -> Result<usize> {
+        let m: HashMap<_, [u8; 16], RateValue> = HashMap::try_from(self.map(names::RATES)?)?;
+        Ok(m.keys().count())
     }
 
     pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) -> Result<()> {
@@ -259,6 +336,23 @@ where
         .program_mut(name)
         .with_context(|| format!("program {name} missing"))?;
     Ok(p.try_into()?)
+}
+
+/// Pin the calling thread to one CPU, so that consecutive BPF_PROG_TEST_RUN calls share the
+/// per-CPU state of the programs (test threads are separate, so only the caller moves).
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_setaffinity(cpu {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock the data plane's ban times use.

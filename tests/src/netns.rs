@@ -15,6 +15,12 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+mod ping;
+mod view;
+
+pub use ping::{PingStats, PingStream};
+pub use view::XdpAttachment;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// `<pid>-<counter>-<random>`: unique across parallel tests and concurrent test processes.
@@ -194,11 +200,33 @@ impl VethLab {
             Duration::from_secs(u64::from(count) + 10),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let received = text
-            .lines()
-            .find_map(|l| l.split(", ").find_map(|p| p.strip_suffix(" received")))
-            .and_then(|r| r.trim().parse().ok());
-        received.with_context(|| format!("unexpected ping output: {text}"))
+        ping::parse_ping(&text)
+            .map(|s| s.received)
+            .with_context(|| {
+                format!(
+                    "unexpected ping output: {text} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    }
+
+    /// Start `count` pings from `from` to `a`, one every `interval` seconds, in the background.
+    pub fn ping_stream(&self, from: Ipv4Addr, count: u32, interval: &str) -> Result<PingStream> {
+        let (src, dst, n) = (from.to_string(), self.ip_a.to_string(), count.to_string());
+        let child = Command::new("ip")
+            .args(["netns", "exec", self.b.name()])
+            .args([
+                "ping", "-n", "-q", "-c", &n, "-i", interval, "-W", "1", "-I", &src, &dst,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn ping")?;
+        Ok(PingStream {
+            child: Some(child),
+            count,
+        })
     }
 }
 

@@ -159,6 +159,45 @@ fn expired_bans_are_ignored() {
     );
 }
 
+/// The drop path reads a per-CPU clock cached once per tick: a ban must still lapse at its TTL
+/// while packets keep arriving (a cache that never refreshed would keep dropping).
+#[test]
+fn bans_lapse_while_packets_keep_arriving() {
+    std::thread::spawn(|| {
+        wsguard_tests::dataplane::pin_to_cpu(0).unwrap();
+        let mut dp = load();
+        let ttl = std::time::Duration::from_millis(300);
+        for (src, prefix) in [("198.18.0.75", 32), ("fd00:75::", 64), ("198.18.76.0", 24)] {
+            let value = BanValue {
+                expires_ns: boot_ns() + ttl.as_nanos() as u64,
+                ..permanent()
+            };
+            dp.ban(src, prefix, value).unwrap();
+        }
+        let frames: Vec<Vec<u8>> = ["198.18.0.75", "fd00:75::1", "198.18.76.9"]
+            .iter()
+            .map(|src| to_port(src, 40000).syn().build())
+            .collect();
+        for f in &frames {
+            assert_eq!(
+                dp.xdp_repeat(f, 1000).unwrap().0,
+                XDP_DROP,
+                "before the TTL"
+            );
+        }
+        std::thread::sleep(ttl + std::time::Duration::from_millis(100));
+        for f in &frames {
+            assert_eq!(
+                dp.xdp_counted(f).unwrap(),
+                (XDP_PASS, Delta::of(&[Counter::Passed])),
+                "after the TTL"
+            );
+        }
+    })
+    .join()
+    .expect("test thread");
+}
+
 #[test]
 fn expired_exact_ban_does_not_hide_a_live_cidr_ban() {
     let mut dp = load();

@@ -192,3 +192,69 @@ fn a_request_split_after_one_byte_is_judged_once() {
         "the rest is not a first request"
     );
 }
+
+/// Every corpus request split into two segments at several points: the kernel judges the first
+/// segment as the host does (incomplete, mostly; ignored or tls where the bytes already say
+/// so), and the second segment is never taken for a new request.
+#[test]
+fn split_requests_are_judged_on_their_first_segment_alike() {
+    let cases = corpus();
+    let mut dp = DataPlane::load(&[8080]).expect("load data plane");
+    let host_cfg = Config::new();
+    let mut judged = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let n = c.payload.len();
+        if n < 2 || !kernel_inspects(&c.payload) {
+            continue;
+        }
+        let mut cuts = vec![1, 2, n / 2, n.saturating_sub(2), n - 1];
+        // Just before the blank line that ends the header block, where it has one.
+        if let Some(end) = c.payload.windows(4).position(|w| w == b"\r\n\r\n") {
+            cuts.push(end + 2);
+        }
+        cuts.retain(|k| (1..n).contains(k));
+        cuts.sort_unstable();
+        cuts.dedup();
+        let client = format!("198.18.{}.{}", 20 + i / 250, 1 + i % 250);
+        for (j, &cut) in cuts.iter().enumerate() {
+            let (head, rest) = c.payload.split_at(cut);
+            let host = classify(head, &host_cfg);
+            let sport = 20000 + j as u16;
+            let pkt = |p: &[u8]| {
+                Pkt::tcp(&client, sport, "198.18.1.1", 8080)
+                    .payload(p)
+                    .build()
+            };
+            let (action, delta) = dp.xdp_counted(&pkt(head)).unwrap();
+            assert_eq!(action, XDP_PASS);
+            let flow = dp
+                .flow(&flow_key(&client, sport, "198.18.1.1", 8080))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{} cut at {cut}: no flow", c.name));
+            let kernel = (
+                Verdict::from_u8(flow.verdict),
+                host.reason.and_then(|_| BadReason::from_u8(flow.reason)),
+            );
+            assert_eq!(
+                kernel,
+                (Some(host.verdict), host.reason),
+                "{} cut at {cut}: kernel vs host",
+                c.name
+            );
+            let mut want = Delta::of(&[Counter::Passed, verdict_counter(host.verdict)]);
+            if let Some(r) = host.reason {
+                want = want.and_at(Counter::BadReason0 as u32 + r as u32, 1);
+            }
+            assert_eq!(delta, want, "{} cut at {cut}: counters", c.name);
+            let (_, delta) = dp.xdp_counted(&pkt(rest)).unwrap();
+            assert_eq!(
+                delta,
+                Delta::of(&[Counter::Passed]),
+                "{} cut at {cut}: the rest is no new request",
+                c.name
+            );
+            judged += 1;
+        }
+    }
+    assert!(judged >= 300, "only {judged} split requests judged");
+}

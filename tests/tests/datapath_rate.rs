@@ -278,3 +278,63 @@ fn threshold_changes_at_run_time() {
         "the lowered threshold applies at once"
     );
 }
+
+#[test]
+fn window_changes_at_run_time() {
+    let mut dp = load(3, Duration::from_secs(60));
+    let client = "198.18.3.10";
+    for i in 0..2 {
+        send(&mut dp, client, 40000 + i, &bad_request("/"));
+    }
+    // A 1 ns window: the next bad handshake opens a new one, so the count restarts at 1 and
+    // the threshold of 3 is not reached, where the old window would have reached it.
+    let mut cfg = dp.config().unwrap();
+    cfg.window_ns = 1;
+    dp.set_config(&cfg).unwrap();
+    send(&mut dp, client, 40002, &bad_request("/"));
+    assert!(dp.bursts().unwrap().is_empty(), "the short window applied");
+    cfg.window_ns = Duration::from_secs(60).as_nanos() as u64;
+    dp.set_config(&cfg).unwrap();
+    for i in 0..2 {
+        send(&mut dp, client, 40003 + i, &bad_request("/"));
+    }
+    let bursts = dp.bursts().unwrap();
+    assert_eq!(bursts.len(), 1, "{bursts:?}");
+    assert_eq!(bursts[0].count, 3);
+}
+
+#[test]
+fn global_observe_mode_changes_at_run_time_for_inspection_too() {
+    // Observe mode passes a banned source's handshakes, which are then judged like any other.
+    let mut dp = load(2, Duration::from_secs(60));
+    let client = "198.18.3.11";
+    dp.ban(client, 32, wsguard_common::maps::BanValue::default())
+        .unwrap();
+    let mut cfg = dp.config().unwrap();
+    cfg.flags |= wsguard_common::maps::CFG_OBSERVE;
+    dp.set_config(&cfg).unwrap();
+    let f = Pkt::tcp(client, 40000, SERVER, PORT)
+        .payload(&bad_request("/"))
+        .build();
+    let judged =
+        Delta::of(&[Counter::WouldDrop, Counter::HsBad]).and_at(Counter::BadReason0 as u32, 1);
+    assert_eq!(dp.xdp_counted(&f).unwrap(), (XDP_PASS, judged));
+    cfg.flags &= !wsguard_common::maps::CFG_OBSERVE;
+    dp.set_config(&cfg).unwrap();
+    let f = Pkt::tcp(client, 40001, SERVER, PORT)
+        .payload(&bad_request("/"))
+        .build();
+    assert_eq!(
+        dp.xdp_counted(&f).unwrap(),
+        (
+            wsguard_tests::dataplane::XDP_DROP,
+            Delta::of(&[Counter::Dropped])
+        )
+    );
+    assert!(
+        dp.flow(&flow_key(client, 40001, SERVER, PORT))
+            .unwrap()
+            .is_none(),
+        "enforced again: dropped before inspection"
+    );
+}

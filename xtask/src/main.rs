@@ -24,7 +24,7 @@ enum Task {
     Bootstrap,
     /// The whole test suite: bootstrap, format, lints, unit, kernel and integration tests.
     Test,
-    /// Bootstrap, build, and show wsguard on its embedded defaults.
+    /// Bootstrap, build, and run the lab demo: an attack banned while real clients stay up.
     Demo,
     /// Data-plane benchmark: ns per packet of each path, as ratios to bare programs (root).
     Bench,

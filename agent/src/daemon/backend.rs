@@ -396,8 +396,8 @@ impl Backend for Agent {
                         .filter(|r| !r.trim().is_empty())
                         .unwrap_or_else(|| "import".into()),
                     ttl,
-                    observe: false,
-                    hard: false,
+                    observe: e.observe,
+                    hard: e.hard,
                 }),
                 Err(m) => bad.push(format!("entry {i} ({:?}): {m}", e.addr)),
             }

@@ -4,13 +4,13 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{
-        Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        LazyLock, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use wsguard_common::maps::BurstEvent;
 
 use super::kernel::{self, Clocks};
@@ -34,6 +34,9 @@ pub struct Agent {
     /// `wsguard detach` ran: the agent exits.
     pub exit: tokio::sync::Notify,
     pub detached: AtomicBool,
+    /// Snapshots taken so far, and the number of the last one written.
+    snapshots: AtomicU64,
+    written: Mutex<u64>,
 }
 
 pub struct Inner {
@@ -64,6 +67,8 @@ impl Agent {
             dirty: tokio::sync::Notify::new(),
             exit: tokio::sync::Notify::new(),
             detached: AtomicBool::new(false),
+            snapshots: AtomicU64::new(0),
+            written: Mutex::new(0),
         }
     }
 
@@ -86,28 +91,51 @@ impl Agent {
 
     /// A burst from the kernel ring buffer goes through the policy like any other ban.
     pub fn on_burst(&self, ev: &BurstEvent) {
-        let ip = kernel::ip16(ev.addr);
-        let req = BanRequest {
-            cidr: Cidr::host(ip),
+        self.auto_ban(BanRequest {
+            cidr: Cidr::host(kernel::ip16(ev.addr)),
             source: BanSource::Kernel,
             reason: burst_reason(ev, &self.cfg),
             ttl: Ttl::Default,
             observe: false,
             hard: false,
-        };
-        let r = self.lock().apply_ban(req, &Clocks::now());
+        });
+    }
+
+    /// The entry point of every automatic detector (kernel bursts, log bursts): decide through
+    /// the policy (allowlist, cap, breaker), write the kernel, log the outcome.
+    pub fn auto_ban(&self, req: BanRequest) {
+        let cidr = req.cidr;
+        let c = Clocks::now();
+        let mut g = self.lock();
+        let was_open = g.policy.breaker_open(c.wall);
+        let r = g.apply_ban(req, &c);
+        let now_open = g.policy.breaker_open(c.wall);
+        drop(g);
+        if now_open && !was_open {
+            warn!(
+                limit = self.cfg.breaker.limit,
+                window = %duration::human(self.cfg.breaker.window),
+                "circuit breaker open: too many new automatic bans, new ones are observe-only \
+                 (wsguard_circuit_breaker_open); check for a misbehaving client release or a \
+                 too low threshold"
+            );
+        }
         match r {
             Ok(a) if a.change == Change::Created => {
                 let b = &a.ban;
                 let ttl = b
                     .expires_at
                     .map(|e| duration::human((e - b.created_at).unsigned_abs()));
-                info!(addr = %ip, mode = b.mode.as_str(), ttl = ttl.as_deref().unwrap_or("permanent"), offenses = b.offenses, reason = %b.reason, "banned");
+                info!(addr = %cidr, source = b.source.as_str(), mode = b.mode.as_str(), ttl = ttl.as_deref().unwrap_or("permanent"), offenses = b.offenses, reason = %b.reason, "banned");
                 self.mark_dirty();
             }
             Ok(a) if a.change == Change::Updated => self.mark_dirty(),
             Ok(_) => {}
-            Err(BanError::Refused(r)) => info!(addr = %ip, "{r}"),
+            // A storm refuses thousands: the metric counts them, the log says it once (above).
+            Err(BanError::Refused(r)) if r.reason() == RefuseReason::RateLimited => {
+                debug!(addr = %cidr, "{r}")
+            }
+            Err(BanError::Refused(r)) => info!(addr = %cidr, "{r}"),
             Err(e) => warn!("{e}"),
         }
     }
@@ -145,8 +173,27 @@ impl Agent {
         }
     }
 
-    pub fn snapshot(&self) -> State {
-        let g = self.lock();
+    /// Write the current state. Snapshots are numbered under the agent lock and written one at
+    /// a time, and a write never replaces a newer snapshot: the debounced writer and the exit
+    /// path can race (an aborted writer's blocking half keeps running).
+    pub fn save_state(&self) -> Result<(), state::StateError> {
+        let (n, snap) = {
+            let g = self.lock();
+            (
+                self.snapshots.fetch_add(1, Ordering::SeqCst) + 1,
+                Self::snapshot_of(&g),
+            )
+        };
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if *written > n {
+            return Ok(());
+        }
+        state::save(&self.cfg.state_dir, &snap)?;
+        *written = n;
+        Ok(())
+    }
+
+    fn snapshot_of(g: &Inner) -> State {
         let p = &g.policy;
         State {
             version: state::VERSION,
@@ -179,7 +226,10 @@ impl Inner {
             return Ok(a);
         }
         match self.dp.put_ban(&a.ban.cidr, &kernel::ban_value(&a.ban, c)) {
-            Ok(()) => Ok(a),
+            Ok(()) => {
+                after_ban_write();
+                Ok(a)
+            }
             Err(err) => {
                 if a.change == Change::Created {
                     self.policy.unban(&a.ban.cidr);
@@ -243,6 +293,25 @@ impl Inner {
             self.drops = Some((Instant::now(), m));
         }
         &self.drops.as_ref().expect("just set").1
+    }
+}
+
+/// Test hook: `WSGUARD_TEST_KILL_AFTER_BAN_WRITES=N` SIGKILLs the agent right after its Nth
+/// ban written to the kernel, so a test can crash it in the middle of a batch at a known point
+/// (an outside `kill -9` can only guess the moment).
+pub fn after_ban_write() {
+    static LEFT: LazyLock<Option<AtomicU64>> = LazyLock::new(|| {
+        std::env::var("WSGUARD_TEST_KILL_AFTER_BAN_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(AtomicU64::new)
+    });
+    if let Some(left) = LEFT.as_ref()
+        && left.fetch_sub(1, Ordering::SeqCst) == 1
+    {
+        warn!("WSGUARD_TEST_KILL_AFTER_BAN_WRITES reached: SIGKILL");
+        // SAFETY: plain kill(2) of our own process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

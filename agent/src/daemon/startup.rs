@@ -8,8 +8,13 @@
 //!   and stays removed.
 //! - pins absent (node reboot, after `wsguard detach`): the state file is the truth and every
 //!   unexpired ban is written back.
+//! - restore interrupted (`restore-pending` marker in the state directory, left by a start that
+//!   was killed while writing saved bans back into fresh maps): the state file is still the
+//!   truth for bans missing from the maps; live entries are adopted as above.
+//! - pin directory not on bpffs (and bpffs cannot be mounted there): enforce mode refuses to
+//!   start; observe mode runs unpinned (nothing survives the agent, and nothing is dropped).
 //!
-//! Either way the state file supplies what the kernel does not record (source, reason,
+//! In every case the state file supplies what the kernel does not record (source, reason,
 //! offences) and expired bans are dropped and counted.
 
 use std::{collections::BTreeSet, path::Path};
@@ -24,8 +29,9 @@ use super::{
 use crate::{
     addr::Cidr,
     config::AgentConfig,
-    datapath::{DataPath, DataPathOptions},
+    datapath::{DataPath, DataPathError, DataPathOptions},
     model::{Ban, Mode},
+    paths,
     policy::{Policy, PolicyConfig},
     state::{self, Loaded, State},
 };
@@ -62,30 +68,61 @@ fn pins_present(pin_dir: &Path) -> bool {
     std::fs::read_dir(pin_dir).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// Create the restore marker durably (file and directory entry) before the first write.
+fn mark_restoring(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(dir.join(paths::RESTORE_MARKER))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
     let saved = load_state(&cfg.state_dir);
-    let pinned_before = pins_present(&cfg.pin_dir);
+    let marker = cfg.state_dir.join(paths::RESTORE_MARKER);
+    let interrupted = marker.exists();
+    if interrupted {
+        warn!("the previous start died while restoring bans from the state file; finishing it");
+    }
+    let restoring = interrupted || !pins_present(&cfg.pin_dir);
+    if restoring
+        && saved.as_ref().is_some_and(|s| !s.bans.is_empty())
+        && let Err(e) = mark_restoring(&cfg.state_dir)
+    {
+        // Enforcing matters more than surviving a crash in the next second or two.
+        error!(marker = %marker.display(), "cannot mark the restore as pending, restoring anyway: {e}");
+    }
     let opts = DataPathOptions {
         pin_dir: cfg.pin_dir.clone(),
         interfaces: cfg.interfaces.clone(),
         xdp_mode: cfg.xdp_mode,
         max_bans: cfg.max_bans,
     };
-    let mut dp = DataPath::open(&opts).with_context(|| {
-        format!(
-            "cannot load the data path on {} (pin dir {})",
-            cfg.interfaces.join(","),
-            cfg.pin_dir.display()
-        )
-    })?;
-    if !dp.pinned() && cfg.mode == Mode::Enforce {
-        bail!(
-            "refusing to enforce: {} is not on a bpffs and bpffs cannot be mounted there, so bans and \
-             programs would vanish with the agent; mount bpffs there, pick another --pin-dir, or run \
-             with --mode observe",
-            cfg.pin_dir.display()
-        );
-    }
+    let mut dp = match DataPath::open(&opts) {
+        Ok(dp) => dp,
+        // Observe mode drops nothing, so losing the maps with the agent costs only counters.
+        Err(DataPathError::NotBpffs { path, detail }) if cfg.mode == Mode::Observe => {
+            warn!(
+                pin_dir = %path.display(),
+                "the pin directory is not on bpffs ({detail}): running unpinned in observe mode; \
+                 programs and maps go away with the agent"
+            );
+            DataPath::open_unpinned(&opts).context("cannot load the data path unpinned")?
+        }
+        Err(DataPathError::NotBpffs { path, detail }) => bail!(
+            "refusing to enforce: the pin directory {} is not on bpffs ({detail}), so bans and \
+             programs would not survive the agent; mount bpffs there, pick another --pin-dir, or \
+             run with --mode observe",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot load the data path on {} (pin dir {})",
+                    cfg.interfaces.join(","),
+                    cfg.pin_dir.display()
+                )
+            });
+        }
+    };
     let current = dp.config().context("cannot read the kernel CONFIG")?;
     dp.set_config(&kernel::kernel_config(cfg, &current))
         .context("cannot write the kernel CONFIG")?;
@@ -109,11 +146,19 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
         .collect();
     let mut inner = Inner::new(policy, dp, kernel_allow);
     inner.sync_allow();
-    reconcile_bans(&mut inner, saved.bans, pinned_before)?;
+    reconcile_bans(&mut inner, saved.bans, !restoring)?;
+    match std::fs::remove_file(&marker) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Left behind, it only makes the next start re-check the state against the maps.
+        Err(e) => warn!(marker = %marker.display(), "cannot remove the restore marker: {e}"),
+    }
     Ok(inner)
 }
 
-fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, pins_were_there: bool) -> anyhow::Result<()> {
+/// `maps_are_truth`: a saved ban missing from the maps was removed since the state write (and
+/// stays removed); otherwise it is written back.
+fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, maps_are_truth: bool) -> anyhow::Result<()> {
     let c = Clocks::now();
     let mut saved: std::collections::HashMap<Cidr, Ban> =
         saved.into_iter().map(|b| (b.cidr, b)).collect();
@@ -148,12 +193,15 @@ fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, pins_were_there: bool) -> 
     for (cidr, ban) in saved {
         if ban.is_expired(c.wall) {
             expired += 1;
-        } else if pins_were_there {
+        } else if maps_are_truth {
             dropped += 1;
         } else {
             match inner.policy.restore(ban.clone()) {
                 Ok(()) => match inner.dp.put_ban(&cidr, &kernel::ban_value(&ban, &c)) {
-                    Ok(()) => restored += 1,
+                    Ok(()) => {
+                        restored += 1;
+                        super::shared::after_ban_write();
+                    }
                     Err(e) => {
                         inner.policy.unban(&cidr);
                         error!(addr = %cidr, "cannot restore ban: {e}");

@@ -3,7 +3,7 @@
 //! program objects, whose drop would detach them: fail-static means the process exiting (or
 //! being killed) leaves every attachment in place.
 
-use std::fs;
+use std::{collections::BTreeSet, fs};
 
 use aya::{
     Ebpf,
@@ -31,6 +31,35 @@ pub struct XdpAttach {
     /// `native`, `generic`, `netlink-native`, `netlink-generic`.
     pub mode: String,
     pub prog_id: u32,
+    /// The pinned attachment was not this generation's and was swapped (or attached fresh).
+    pub changed: bool,
+}
+
+/// What an attachment must be to be adopted as is: pinned under `dir`, running a program that
+/// uses the maps pinned there (`map_ids`). A program reading other maps (a crash between a
+/// migration's swap and its renames, then a start of the older build) would ignore every ban
+/// this generation writes, so it is swapped out even when the layout record says "ours".
+pub struct Pinned<'a> {
+    pub dir: &'a PinDir,
+    pub map_ids: BTreeSet<u32>,
+}
+
+impl Pinned<'_> {
+    /// Whether the attached program `prog_id` uses every pinned map that `ours` (this
+    /// generation's program of the same kind) uses.
+    fn runs_on_our_maps(&self, prog_id: u32, ours: u32) -> bool {
+        let (Ok(theirs), Ok(ours)) = (sys::prog_map_ids(prog_id), sys::prog_map_ids(ours)) else {
+            return false;
+        };
+        let theirs: BTreeSet<u32> = theirs.into_iter().collect();
+        ours.iter()
+            .filter(|id| self.map_ids.contains(id))
+            .all(|id| theirs.contains(id))
+    }
+}
+
+fn loaded_id(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) -> u32 {
+    info.map(|i| i.id()).unwrap_or(0)
 }
 
 /// A pinned link for `ifindex` of `link_type`, or None (and the stale pin removed) when the
@@ -60,7 +89,7 @@ fn mode_name(mode: AyaXdpMode) -> &'static str {
 
 pub fn xdp(
     ebpf: &mut Ebpf,
-    pins: Option<&PinDir>,
+    pinned: Option<&Pinned<'_>>,
     iface: &str,
     want: XdpMode,
     replace: bool,
@@ -68,15 +97,24 @@ pub fn xdp(
     let ifindex =
         sys::ifindex(iface).ok_or_else(|| other(format!("no interface named {iface}")))?;
     let prog: &mut Xdp = program(ebpf, programs::XDP)?;
-    if let Some(pins) = pins {
+    if let Some(pinned) = pinned {
+        let pins = pinned.dir;
         let pin = pins.xdp_link(iface);
         let recorded = pins::read_record(&pins.xdp_mode(iface)).unwrap_or_else(|| "unknown".into());
         if let Some(info) = live_pin(&pin, sys::LINK_TYPE_XDP, ifindex) {
             if !replace {
-                return Ok(XdpAttach {
-                    mode: recorded,
-                    prog_id: info.prog_id,
-                });
+                if pinned.runs_on_our_maps(info.prog_id, loaded_id(prog.info())) {
+                    return Ok(XdpAttach {
+                        mode: recorded,
+                        prog_id: info.prog_id,
+                        changed: false,
+                    });
+                }
+                tracing::warn!(
+                    iface,
+                    prog_id = info.prog_id,
+                    "the attached XDP program does not use the pinned maps (an interrupted upgrade): swapping it"
+                );
             }
             // bpf_link_update: the interface goes from the old program to the new one with no
             // packet in between. The attach mode cannot change this way; it stays as it was.
@@ -93,16 +131,19 @@ pub fn xdp(
             return Ok(XdpAttach {
                 mode: recorded,
                 prog_id,
+                changed: true,
             });
         }
         if let Some(mode) =
             pins::read_record(&pin).and_then(|t| t.strip_prefix("netlink:").map(str::to_owned))
         {
             if !replace {
-                let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+                // A netlink attachment has no link to ask for its program, and reading it back
+                // takes a netlink dump this crate does not do: the id is reported as unknown (0).
                 return Ok(XdpAttach {
                     mode: format!("netlink-{mode}"),
-                    prog_id,
+                    prog_id: 0,
+                    changed: false,
                 });
             }
             return Err(other(format!(
@@ -125,12 +166,13 @@ pub fn xdp(
             }
         };
         let link = prog.take_link(id).map_err(|e| other(e.to_string()))?;
-        let Some(pins) = pins else {
+        let Some(pins) = pinned.map(|p| p.dir) else {
             // Unpinned: nothing survives the process anyway; keep the link alive until exit.
             std::mem::forget(link);
             return Ok(XdpAttach {
                 mode: mode_name(mode).into(),
-                prog_id: prog.info().map(|i| i.id()).unwrap_or(0),
+                prog_id: loaded_id(prog.info()),
+                changed: true,
             });
         };
         return match FdLink::try_from(link) {
@@ -144,6 +186,7 @@ pub fn xdp(
                 Ok(XdpAttach {
                     mode: mode_name(mode).into(),
                     prog_id,
+                    changed: true,
                 })
             }
             Err(_) => {
@@ -157,7 +200,8 @@ pub fn xdp(
                 .map_err(|e| other(format!("record the netlink attachment: {e}")))?;
                 Ok(XdpAttach {
                     mode: name,
-                    prog_id: prog.info().map(|i| i.id()).unwrap_or(0),
+                    prog_id: loaded_id(prog.info()),
+                    changed: true,
                 })
             }
         };
@@ -171,7 +215,7 @@ pub fn xdp(
 /// Returns `tcx` or `clsact`.
 pub fn tc(
     ebpf: &mut Ebpf,
-    pins: Option<&PinDir>,
+    pinned: Option<&Pinned<'_>>,
     iface: &str,
     replace: bool,
     force_clsact: bool,
@@ -179,10 +223,21 @@ pub fn tc(
     let ifindex =
         sys::ifindex(iface).ok_or_else(|| other(format!("no interface named {iface}")))?;
     let prog: &mut SchedClassifier = program(ebpf, programs::TC_EGRESS)?;
-    if let Some(pins) = pins {
+    let pins = pinned.map(|p| p.dir);
+    if let Some(pinned) = pinned {
+        let pins = pinned.dir;
         let pin = pins.tc_link(iface);
-        if live_pin(&pin, sys::LINK_TYPE_TCX, ifindex).is_some() {
-            if replace {
+        if let Some(info) = live_pin(&pin, sys::LINK_TYPE_TCX, ifindex) {
+            let foreign =
+                !replace && !pinned.runs_on_our_maps(info.prog_id, loaded_id(prog.info()));
+            if foreign {
+                tracing::warn!(
+                    iface,
+                    prog_id = info.prog_id,
+                    "the attached TC program does not use the pinned maps (an interrupted upgrade): swapping it"
+                );
+            }
+            if replace || foreign {
                 let old = PinnedLink::from_pin(&pin)
                     .map_err(|e| other(format!("open {}: {e}", pin.display())))?;
                 let link = SchedClassifierLink::try_from(FdLink::from(old))
@@ -253,6 +308,24 @@ pub fn tc(
     // Dropping it would remove the filter: fail-static keeps it.
     std::mem::forget(link);
     Ok("clsact")
+}
+
+/// Whether the live XDP link pinned for `iface` runs a program on this generation's maps;
+/// None when no live XDP link is pinned for it.
+pub fn pinned_xdp_is_ours(
+    ebpf: &mut Ebpf,
+    pinned: &Pinned<'_>,
+    iface: &str,
+) -> Result<Option<bool>, DataPathError> {
+    let Some(ifindex) = sys::ifindex(iface) else {
+        return Ok(None);
+    };
+    let prog: &mut Xdp = program(ebpf, programs::XDP)?;
+    let ours = loaded_id(prog.info());
+    Ok(
+        live_pin(&pinned.dir.xdp_link(iface), sys::LINK_TYPE_XDP, ifindex)
+            .map(|info| pinned.runs_on_our_maps(info.prog_id, ours)),
+    )
 }
 
 /// Interfaces with pinned links that were not asked for this time.

@@ -254,6 +254,15 @@ impl Maps {
     /// layout, this is where the per-map conversion goes.
     pub fn copy_into(&self, dst: &mut Maps, layout_version: u32) -> Result<(), DataPathError> {
         let mut cfg = self.config()?;
+        if cfg.layout_version == 0 {
+            // Never initialised (a first start died before writing it): zero window and
+            // threshold would be wrong settings, so start the new maps from the defaults.
+            cfg = Config {
+                cidr_v4: cfg.cidr_v4,
+                cidr_v6: cfg.cidr_v6,
+                ..Config::new()
+            };
+        }
         cfg.layout_version = layout_version;
         dst.write_config(&cfg)?;
         for (cidr, v) in self.bans(usize::MAX)? {

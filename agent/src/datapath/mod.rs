@@ -16,11 +16,14 @@
 //! bpffs holds no regular files, hence the symlinks as records; it refuses dots in names, hence
 //! `_` separators and `%2e` for a dot in an interface name.
 //!
-//! Lifecycle: [`DataPath::open`] adopts the pinned generation when it is this build (same
-//! program ids, nothing touched), swaps a different build in through each pinned link
-//! (`bpf_link_update`, reusing the pinned maps) and, when the pinned layout differs, first
-//! copies every entry into fresh maps. Dropping a `DataPath` detaches nothing (fail-static);
-//! [`DataPath::detach_all`] is the kill switch.
+//! Lifecycle: [`DataPath::open`] adopts the pinned generation when it is this build and its
+//! programs run on the pinned maps (same program and link ids, nothing touched), swaps a
+//! different build in through each pinned link (`bpf_link_update`, reusing the pinned maps)
+//! and, when the pinned layout differs, first copies every entry into fresh maps
+//! (`maps_new/`), swaps, then renames them over `maps/`. A program found running on maps other
+//! than the pinned ones (a migration interrupted between its swap and its renames) is swapped
+//! too, and leftover `maps_new/` pins are removed. Dropping a `DataPath`, or the process
+//! dying, detaches nothing (fail-static); [`DataPath::detach_all`] is the kill switch.
 //!
 //! Test hooks ([`OpenHooks`], or the environment for a separate process):
 //! `WSGUARD_TEST_LAYOUT_VERSION=N` makes this build claim layout version N (a pinned
@@ -165,7 +168,9 @@ impl DataPath {
         })
     }
 
-    /// The kill switch: detach every program and remove every pin under `pin_dir`.
+    /// The kill switch: detach every program and remove every pin under `pin_dir`. BPF links
+    /// are found through their pins from any namespace; clsact filters (kernels without TCX)
+    /// are found by interface name, so call this in the interfaces' network namespace.
     pub fn detach_all(pin_dir: &std::path::Path) -> Result<(), DataPathError> {
         pins::detach_all(pin_dir)
     }

@@ -7,13 +7,16 @@
 
 use std::fs;
 
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, MapInfo};
 use wsguard_common::maps::{Config, LAYOUT_VERSION};
 
 use super::{
-    DataPath, DataPathError, DataPathOptions, OpenHooks, attach, loader,
+    DataPath, DataPathError, DataPathOptions, OpenHooks,
+    attach::{self, Pinned},
+    loader,
     maps::Maps,
     pins::{Layout, PinDir, mkdir_0700},
+    sys,
 };
 use crate::api::InterfaceJson;
 
@@ -52,22 +55,22 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
         version: hooks.layout_version.unwrap_or(LAYOUT_VERSION),
         build: hooks.build_id.unwrap_or_else(loader::build_id),
     };
-    let pinned = pins.read_layout();
+    let recorded = pins.read_layout();
     // Maps pinned without a layout record: a first start died before writing it. Copying is
     // always safe, so treat it as a migration.
     let reason = if !pins.has_maps() {
         None
-    } else if pinned.map(|l| l.version) != Some(me.version) {
+    } else if recorded.map(|l| l.version) != Some(me.version) {
         Some(format!(
             "pinned layout {:?}, this build {}",
-            pinned.map(|l| l.version),
+            recorded.map(|l| l.version),
             me.version
         ))
     } else {
         loader::pinned_mismatch(&pins.maps(), opts.max_bans)
     };
     let migrate = reason.is_some();
-    let replace = migrate || pinned.map(|l| l.build) != Some(me.build);
+    let replace = migrate || recorded.map(|l| l.build) != Some(me.build);
     if let Some(reason) = &reason {
         tracing::warn!(%reason, "migrating the pinned maps into fresh ones before the program swap");
         clear(&pins.maps_new());
@@ -103,15 +106,31 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
         })?;
     }
 
+    let map_ids = loader::PINNED_MAPS
+        .iter()
+        .filter_map(|name| MapInfo::from_pin(map_dir.join(name)).ok())
+        .map(|i| i.id())
+        .collect();
+    let pinned = Pinned {
+        dir: &pins,
+        map_ids,
+    };
     let mut interfaces = Vec::new();
     let mut netlink_fallbacks = 0;
     for iface in &opts.interfaces {
-        let x = attach::xdp(&mut ebpf, Some(&pins), iface, opts.xdp_mode, replace)?;
+        let x = attach::xdp(&mut ebpf, Some(&pinned), iface, opts.xdp_mode, replace)?;
         if x.mode.starts_with("netlink") {
             netlink_fallbacks += 1;
             tracing::error!(iface, mode = %x.mode, "XDP fell back to a netlink attachment: it cannot be pinned nor replaced atomically across restarts");
         }
-        let tc = attach::tc(&mut ebpf, Some(&pins), iface, replace, hooks.force_clsact)?;
+        // A swapped XDP program takes its TC partner along: both must read the same maps.
+        let tc = attach::tc(
+            &mut ebpf,
+            Some(&pinned),
+            iface,
+            replace || x.changed,
+            hooks.force_clsact,
+        )?;
         interfaces.push(InterfaceJson {
             name: iface.clone(),
             xdp_mode: x.mode,
@@ -119,14 +138,19 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
             tc_egress: tc.into(),
         });
     }
-    if replace {
-        // Interfaces attached by an earlier run but not asked for now keep enforcing; they must
-        // run this generation too, or they would keep reading maps that are about to be unpinned.
-        for iface in attach::pinned_interfaces(&pins) {
-            if !opts.interfaces.contains(&iface) && super::sys::ifindex(&iface).is_some() {
-                attach::xdp(&mut ebpf, Some(&pins), &iface, opts.xdp_mode, true)?;
-                attach::tc(&mut ebpf, Some(&pins), &iface, true, hooks.force_clsact)?;
+    // Interfaces attached by an earlier run but not asked for now keep enforcing; when their
+    // program is swapped, they must run this generation too, or they would keep reading maps
+    // that are about to be unpinned.
+    for iface in attach::pinned_interfaces(&pins) {
+        if opts.interfaces.contains(&iface) || sys::ifindex(&iface).is_none() {
+            continue;
+        }
+        match attach::pinned_xdp_is_ours(&mut ebpf, &pinned, &iface)? {
+            Some(ours) if replace || !ours => {
+                attach::xdp(&mut ebpf, Some(&pinned), &iface, opts.xdp_mode, true)?;
+                attach::tc(&mut ebpf, Some(&pinned), &iface, true, hooks.force_clsact)?;
             }
+            _ => {}
         }
     }
     if migrate {
@@ -148,6 +172,13 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
     }
     pins.write_layout(&me)
         .map_err(|e| other(format!("record the layout: {e}")))?;
+    if !migrate && pins.maps_new().exists() {
+        // Fresh maps of a migration that died before its renames: every program now runs on
+        // `maps/`, so they only hold memory.
+        tracing::warn!(dir = %pins.maps_new().display(), "removing the maps of an interrupted migration");
+        clear(&pins.maps_new());
+        let _ = fs::remove_dir(pins.maps_new());
+    }
     // The programs stay attached through their pinned links; aya's handles are not needed.
     drop(ebpf);
     DataPath::assemble(

@@ -88,43 +88,60 @@ impl PinDir {
     }
 
     /// Make sure the pin directory is on bpffs, mounting bpffs on its parent when that is an
-    /// empty directory (the state of `/sys/fs/bpf` on a host that never mounted it). A
-    /// non-empty parent is never mounted over: that would hide its files.
+    /// empty directory (the state of `/sys/fs/bpf` on a host that never mounted it), and
+    /// creating missing directories below a bpffs. A non-empty parent is never mounted over:
+    /// that would hide its files. Every directory wsguard creates or owns is 0700.
     pub fn ensure(&self) -> Result<(), DataPathError> {
         let not_bpffs = |detail: String| DataPathError::NotBpffs {
             path: self.root.clone(),
             detail,
         };
-        let parent = self
-            .root
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("/"));
         let on_bpffs = |p: &Path| {
             sys::is_bpffs(p).map_err(|e| not_bpffs(format!("statfs {}: {e}", p.display())))
         };
-        if self.root.exists() {
-            if !on_bpffs(&self.root)? {
+        // The nearest existing directory decides where the pins would land.
+        let existing = self
+            .root
+            .ancestors()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !on_bpffs(existing)? {
+            if existing == self.root {
                 return Err(not_bpffs("it exists but is not on a bpffs mount".into()));
             }
-        } else {
-            if !parent.is_dir() {
-                return Err(not_bpffs(format!("{} does not exist", parent.display())));
+            let parent = self.root.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent != Some(existing) {
+                return Err(not_bpffs(format!(
+                    "{} is not on a bpffs mount",
+                    existing.display()
+                )));
             }
-            if !on_bpffs(parent)? {
-                let empty = fs::read_dir(parent)
-                    .map(|mut d| d.next().is_none())
-                    .unwrap_or(false);
-                if !empty {
-                    return Err(not_bpffs(format!(
-                        "{} is not bpffs and not empty, so bpffs is not mounted over it",
-                        parent.display()
-                    )));
-                }
-                sys::mount_bpffs(parent).map_err(|e| {
-                    not_bpffs(format!("mount -t bpf bpf {}: {e}", parent.display()))
-                })?;
+            let empty = fs::read_dir(existing)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty {
+                return Err(not_bpffs(format!(
+                    "{} is not bpffs and not empty, so bpffs is not mounted over it",
+                    existing.display()
+                )));
             }
+            sys::mount_bpffs(existing)
+                .map_err(|e| not_bpffs(format!("mount -t bpf bpf {}: {e}", existing.display())))?;
+        }
+        let missing: Vec<&Path> = self
+            .root
+            .ancestors()
+            .take_while(|p| *p != existing && !p.as_os_str().is_empty())
+            .collect();
+        for dir in missing.into_iter().rev() {
+            mkdir_0700(dir).map_err(|e| other(format!("create {}: {e}", dir.display())))?;
         }
         for dir in [self.root.clone(), self.maps(), self.links()] {
             mkdir_0700(&dir).map_err(|e| other(format!("create {}: {e}", dir.display())))?;
@@ -259,6 +276,12 @@ fn detach_one(path: &Path) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
                 link.detach()
                     .map_err(|e| format!("remove the clsact filter: {e}"))?;
+            } else {
+                // Gone with its interface, or the interface lives in another namespace.
+                tracing::warn!(
+                    iface = %iface,
+                    "no such interface here: its clsact filter is not removed if it exists elsewhere"
+                );
             }
         } else if let (Some((iface, XDP_SUFFIX)), Some(mode)) =
             (&link, text.strip_prefix("netlink:"))
@@ -296,5 +319,32 @@ mod tests {
             }
         }
         assert_eq!(parse_link_name("eth0_xdpmode"), None);
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let l = Layout {
+            version: 3,
+            build: 0xdead_beef,
+        };
+        assert_eq!(Layout::parse(&l.to_string()), Some(l));
+        assert!(!l.to_string().contains('.'));
+        for bad in [
+            "",
+            "layout-v",
+            "layout-vx-build-1",
+            "layout-v1-build-zz",
+            "v1-build-1",
+        ] {
+            assert_eq!(Layout::parse(bad), None, "{bad}");
+        }
+        let h = TcHandle::from(0x8001_0002u32);
+        let rec = clsact_record(49152, h);
+        assert_eq!(
+            parse_clsact(&rec).map(|(p, h)| (p, u32::from(h))),
+            Some((49152, 0x8001_0002))
+        );
+        assert!(parse_clsact("netlink:native").is_none() && parse_clsact("clsact:x:1").is_none());
+        assert_eq!(unescape("a%zz%"), "a%zz%");
     }
 }

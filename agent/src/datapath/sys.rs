@@ -16,6 +16,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 
 fn cstr(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
@@ -129,6 +130,59 @@ pub fn link_detach(fd: &impl AsRawFd) -> io::Result<()> {
             link_fd: fd.as_raw_fd() as u32,
         },
     )
+}
+
+/// The ids of the maps a loaded program uses (`bpf_prog_info.map_ids`).
+pub fn prog_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
+    #[repr(C)]
+    struct GetFdAttr {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    /// `struct bpf_prog_info` up to `map_ids`; the kernel fills what fits.
+    #[repr(C)]
+    struct RawProgInfo {
+        /// type, id, tag, jited_prog_len, xlated_prog_len.
+        _head: [u32; 6],
+        /// jited_prog_insns, xlated_prog_insns, load_time.
+        _ptrs: [u64; 3],
+        _created_by_uid: u32,
+        nr_map_ids: u32,
+        map_ids: u64,
+    }
+    let mut get = GetFdAttr {
+        prog_id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: a valid BPF_PROG_GET_FD_BY_ID attribute.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            &mut get as *mut GetFdAttr,
+            size_of::<GetFdAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(rc as i32) };
+    // A program of this object uses well under 64 maps; the kernel reports the real count.
+    let mut ids = [0u32; 64];
+    // SAFETY: plain integers; all-zero is valid.
+    let mut raw: RawProgInfo = unsafe { std::mem::zeroed() };
+    raw.nr_map_ids = ids.len() as u32;
+    raw.map_ids = ids.as_mut_ptr() as u64;
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<RawProgInfo>() as u32,
+        info: &mut raw as *mut RawProgInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(ids[..(raw.nr_map_ids as usize).min(ids.len())].to_vec())
 }
 
 /// `BPF_OBJ_GET`: open a pinned object.

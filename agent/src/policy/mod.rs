@@ -89,11 +89,13 @@ impl RefuseReason {
 pub enum Refusal {
     #[error("refusing to ban {0}: a /0 ban would ban everything")]
     Everything(Cidr),
-    #[error("refusing to ban {cidr}: it overlaps the allowlist entry {allow} ({})", kind.as_str())]
+    #[error("refusing to ban {cidr}: it overlaps the allowlist entry {allow} ({}: {note})", kind.as_str())]
     Allowlisted {
         cidr: Cidr,
         allow: Cidr,
         kind: AllowSource,
+        /// The entry's reason, e.g. `loopback`, `node address`.
+        note: String,
     },
     #[error(
         "refusing to ban {cidr}: the ban map is full ({max} bans); new bans are refused, old ones stay"
@@ -201,6 +203,7 @@ impl Policy {
                 cidr: *cidr,
                 allow: e.cidr,
                 kind: e.source,
+                note: e.reason.clone(),
             }),
             None => Ok(()),
         }

@@ -75,7 +75,10 @@ fn builtin_config_and_node_allowlist_refuse_bans() {
     let e = p
         .ban(req("192.0.2.0/24", BanSource::Manual), T0)
         .unwrap_err();
-    assert!(e.to_string().contains("192.0.2.10 (builtin)"), "{e}");
+    assert!(
+        e.to_string().contains("192.0.2.10 (builtin: node address)"),
+        "{e}"
+    );
     assert_eq!(refused(&p, RefuseReason::Allowlisted), 7);
     assert!(p.is_empty());
 }

@@ -1,6 +1,12 @@
 //! The audit log: one JSON line per successful mutation (who, what, why, TTL).
 
-use std::{fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, sync::Mutex};
+use std::{
+    fs::{DirBuilder, OpenOptions},
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::PathBuf,
+    sync::Mutex,
+};
 
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -59,12 +65,24 @@ impl AuditLog {
         let mut buf = serde_json::to_vec(&line)?;
         buf.push(b'\n');
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&self.path)?
-            .write_all(&buf)
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+        };
+        let mut f = match open() {
+            // The first mutation can come before the state directory's first write.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = self.path.parent() {
+                    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+                }
+                open()?
+            }
+            r => r?,
+        };
+        f.write_all(&buf)
     }
 }
 
@@ -84,7 +102,9 @@ mod tests {
     #[test]
     fn appends_json_lines_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(dir.path().join("audit.log"));
+        // The state directory may not exist yet at the first mutation.
+        let path = dir.path().join("state/audit.log");
+        let log = AuditLog::new(path.clone());
         let peer = Peer {
             uid: Some(0),
             gid: Some(0),
@@ -101,7 +121,7 @@ mod tests {
                 },
             );
         }
-        let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -113,10 +133,7 @@ mod tests {
         assert_eq!(lines[0]["ttl"], "10m");
         assert_eq!(lines[1]["addrs"][0], "198.51.100.7");
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
-        let mode = std::fs::metadata(dir.path().join("audit.log"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

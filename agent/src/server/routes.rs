@@ -72,7 +72,11 @@ async fn mutate<T: Send + 'static>(
     f: impl FnOnce(&dyn Backend) -> Result<T, ApiError> + Send + 'static,
     record: impl FnOnce(&T, &AuditLog, &Peer) + Send + 'static,
 ) -> Result<T, ApiError> {
-    peer.check_mutate(ctx.mutate_gid)?;
+    if let Err(e) = peer.check_mutate(ctx.mutate_gid) {
+        // Not an audit record (nothing changed), but an operator wants to see who tried.
+        tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "refused a mutation: {}", e.message);
+        return Err(e);
+    }
     let c = ctx.clone();
     tokio::task::spawn_blocking(move || {
         let out = f(&*c.backend)?;

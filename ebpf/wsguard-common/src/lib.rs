@@ -4,6 +4,7 @@
 //! BPF verifier's limits and in host unit tests and fuzzing.
 #![no_std]
 
+pub mod filter;
 pub mod http;
 pub mod maps;
 

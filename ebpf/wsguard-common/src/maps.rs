@@ -25,6 +25,8 @@ pub mod names {
     pub const RATES: &str = "RATES";
     pub const BURSTS: &str = "BURSTS";
     pub const SCRATCH: &str = "SCRATCH";
+    /// The ban pre-filter ([`crate::filter`]). Optional: all zeros (fresh) means "look up".
+    pub const BAN_FILTER: &str = "BAN_FILTER";
 }
 
 /// Program names in the object file.
@@ -138,6 +140,12 @@ fn starts_with(path: &[u8], prefix: &[u8; PATH_LEN], len: usize) -> bool {
 pub const BAN_OBSERVE: u32 = 1 << 0;
 /// `BanValue::flags`: drop established flows too.
 pub const BAN_HARD: u32 = 1 << 1;
+/// `BanValue::flags`: the writer checked that no allowlist entry covers any address of this
+/// ban, so the data plane skips the allowlist lookup on its drop path (it is a third of that
+/// path's cost). Without the flag the kernel looks the allowlist up, so a writer that never
+/// sets it is only slower. Whoever adds an allowlist entry inserts it first, then clears this
+/// flag on every ban the entry overlaps.
+pub const BAN_NOT_ALLOWLISTED: u32 = 1 << 2;
 
 /// Value of the exact (`BANS_V4`, `BANS_V6`) and CIDR (`BAN_CIDRS_*`) ban maps.
 ///

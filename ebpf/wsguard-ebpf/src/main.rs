@@ -9,7 +9,9 @@
 #![allow(internal_features)]
 
 mod atomic;
+mod ban;
 mod bench;
+mod clock;
 mod counters;
 mod inspect;
 mod maps;

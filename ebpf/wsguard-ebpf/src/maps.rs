@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use wsguard_common::{
     Classifier,
+    filter::FILTER_WORDS,
     maps::{
         AllowValue, BanValue, COUNTERS_LEN, Config, FlowKey, FlowValue, MAX_INSPECT, RateValue,
     },
@@ -79,3 +80,34 @@ pub struct Scratch {
 
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The ban pre-filter: "proven clean" bits per IPv4 /24 and hashed IPv6 /64 (see
+/// `wsguard_common::filter`). Zeroed at creation, which only disables the shortcut.
+#[map]
+pub static BAN_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+
+/// Per-CPU cache of `CLOCK_BOOTTIME`, refreshed once per jiffy (see clock.rs).
+#[repr(C)]
+pub struct CoarseClock {
+    pub jiffies: u64,
+    pub boot_ns: u64,
+}
+
+#[map]
+pub static CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU drops of the hot ban this CPU saw last, not yet added to its shared counter (see
+/// ban.rs).
+#[repr(C)]
+pub struct PendingDrops {
+    /// Source of the last drop: `[V4_TAG, address]` for IPv4, the two address words for IPv6.
+    pub src: [u64; 2],
+    pub count: u64,
+}
+
+/// First word of an IPv4 source in `PendingDrops::src`: no IPv6 source starts with it (it
+/// would be multicast).
+pub const V4_TAG: u64 = u64::MAX;
+
+#[map]
+pub static PENDING_DROPS: PerCpuArray<PendingDrops> = PerCpuArray::with_max_entries(1, 0);

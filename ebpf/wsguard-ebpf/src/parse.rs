@@ -196,7 +196,6 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
         l3.proto = Some(PROTO_MALFORMED);
         return Ok(l3);
     }
-    let mut first_fragment = true;
     let mut walked = 0;
     while walked < MAX_EXT_HDRS {
         match next {
@@ -221,10 +220,12 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
                     l3.proto = Some(PROTO_MALFORMED);
                     return Ok(l3);
                 };
-                next = h[0];
                 if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    first_fragment = false;
+                    // A later fragment: what follows is the middle of the datagram, not a
+                    // header. Stop here; its source is still known.
+                    return Ok(l3);
                 }
+                next = h[0];
                 l4_off += 8;
             }
             _ => break,
@@ -237,7 +238,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
         return Ok(l3);
     }
     l3.l4_off = l4_off;
-    l3.proto = if first_fragment { Some(next) } else { None };
+    l3.proto = Some(next);
     Ok(l3)
 }
 

@@ -1,11 +1,16 @@
 //! `cargo xtask bench`: ns per packet of each data-plane path through BPF_PROG_TEST_RUN, side by
 //! side with bare XDP_PASS/XDP_DROP programs measured in the same run, so the ratios hold on any
-//! machine. Prints a table; asserts nothing about time.
+//! machine. Prints a table; asserts nothing about time (it does check every verdict).
+//!
+//! The set-up is the agent's: bans carry a TTL, the allowlist holds the built-in entries
+//! (loopback, link-local, a node address), and the ban pre-filter is filled. Rows marked
+//! "no filter" show the same path with the pre-filter left empty, as a build whose agent does
+//! not fill it would run.
 
 use anyhow::{Result, ensure};
 use aya::maps::lpm_trie::Key;
 use std::time::{Duration, Instant};
-use wsguard_common::maps::{BanValue, FLOW_ESTABLISHED};
+use wsguard_common::maps::{BAN_NOT_ALLOWLISTED, BanValue, FLOW_ESTABLISHED};
 use wsguard_tests::{
     dataplane::{DataPlane, TC_ACT_OK, XDP_DROP, XDP_PASS, boot_ns, flow_key},
     packet::{Pkt, bad_request, ws_request},
@@ -15,10 +20,13 @@ const PORT: u16 = 80;
 const SERVER: &str = "198.18.1.1";
 /// Repeats per BPF_PROG_TEST_RUN call; the best of `ROUNDS` calls is kept (least disturbed).
 const REPEAT: u32 = 1_000_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 /// Runs of the handshake path, one fresh flow each.
 const HANDSHAKES: usize = 20_000;
 const WS_FRAME: &[u8] = &[0x82, 0x84, 1, 2, 3, 4, 5, 6, 7, 8];
+/// Exact bans start at 10.0.0.0 and count up; CIDR bans are /24s from 172.16.0.0 up.
+const EXACT_BASE: u32 = 0x0a00_0000;
+const CIDR_BASE: u32 = 0xac10_0000;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Floor {
@@ -35,17 +43,128 @@ struct Row {
     target: Option<f64>,
 }
 
-fn best(dp: &mut DataPlane, prog: Option<&str>, frame: &[u8], want: u32) -> Result<f64> {
-    let mut best = Duration::MAX;
-    for _ in 0..ROUNDS {
-        let (rc, d) = match prog {
-            Some(name) => dp.xdp_named(name, frame, REPEAT)?,
-            None => dp.xdp_repeat(frame, REPEAT)?,
-        };
-        ensure!(rc == want, "expected action {want}, got {rc}");
-        best = best.min(d);
+struct Bench {
+    dp: DataPlane,
+    rows: Vec<Row>,
+}
+
+impl Bench {
+    fn row(&mut self, path: &str, ns: f64, floor: Floor, target: Option<f64>) {
+        eprintln!("  {path}: {ns:.1} ns");
+        self.rows.push(Row {
+            path: path.to_owned(),
+            ns,
+            floor,
+            target,
+        });
     }
-    Ok(best.as_nanos() as f64)
+
+    /// Best-of-ROUNDS mean ns of `prog` (None: the real XDP program) on `frame`.
+    fn best(&mut self, prog: Option<&str>, frame: &[u8], want: u32) -> Result<f64> {
+        let mut best = Duration::MAX;
+        for _ in 0..ROUNDS {
+            let (rc, d) = match prog {
+                Some(name) => self.dp.xdp_named(name, frame, REPEAT)?,
+                None => self.dp.xdp_repeat(frame, REPEAT)?,
+            };
+            ensure!(rc == want, "expected action {want}, got {rc}");
+            best = best.min(d);
+        }
+        Ok(best.as_nanos() as f64)
+    }
+
+    fn measure(&mut self, path: &str, frame: &[u8], want: u32, target: Option<f64>) -> Result<()> {
+        let ns = self.best(None, frame, want)?;
+        let floor = if want == XDP_DROP {
+            Floor::Drop
+        } else {
+            Floor::Pass
+        };
+        self.row(path, ns, floor, target);
+        Ok(())
+    }
+
+    /// Mean ns of the handshake path with a fresh flow per run: one run per syscall, the flow
+    /// deleted between runs (a repeated run would find the flow and skip the classifier).
+    fn handshake(&mut self, request: &[u8]) -> Result<f64> {
+        let frame = Pkt::tcp("198.18.0.9", 40000, SERVER, PORT)
+            .payload(request)
+            .build();
+        let key = flow_key("198.18.0.9", 40000, SERVER, PORT);
+        let mut total = Duration::ZERO;
+        for _ in 0..HANDSHAKES {
+            let (rc, d) = self.dp.xdp_repeat(&frame, 1)?;
+            ensure!(rc == XDP_PASS);
+            ensure!(
+                self.dp.flow(&key)?.is_some(),
+                "the handshake path recorded no flow"
+            );
+            self.dp.delete_flow(&key)?;
+            total += d;
+        }
+        Ok(total.as_nanos() as f64 / HANDSHAKES as f64)
+    }
+
+    fn single_floor(&mut self, frame: &[u8]) -> Result<f64> {
+        let mut total = Duration::ZERO;
+        for _ in 0..HANDSHAKES {
+            total += self.dp.xdp_named("wsguard_bench_pass", frame, 1)?.1;
+        }
+        Ok(total.as_nanos() as f64 / HANDSHAKES as f64)
+    }
+
+    /// Grow the exact IPv4 ban map to `n` entries, clearing their pre-filter buckets first.
+    fn fill_bans(&mut self, from: u32, n: u32) -> Result<()> {
+        let started = Instant::now();
+        for bucket in (EXACT_BASE + from) >> 8..=(EXACT_BASE + n - 1) >> 8 {
+            self.dp.set_filter_bit(bucket, false, false)?;
+        }
+        let value = ttl_ban();
+        let mut bans = self.dp.bans_v4()?;
+        for i in from..n {
+            bans.insert((EXACT_BASE + i).to_be_bytes(), value, 0)?;
+            if (i + 1) % 250_000 == 0 {
+                eprintln!(
+                    "  {} bans inserted ({:.1}s)",
+                    i + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_cidrs(&mut self, n: u32) -> Result<()> {
+        for i in 0..n {
+            let bucket = (CIDR_BASE + (i << 8)) >> 8;
+            self.dp.set_filter_bit(bucket, false, false)?;
+        }
+        let value = ttl_ban();
+        let mut trie = self.dp.ban_cidrs_v4()?;
+        for i in 0..n {
+            trie.insert(
+                &Key::new(24, (CIDR_BASE + (i << 8)).to_be_bytes()),
+                value,
+                0,
+            )?;
+        }
+        let mut cfg = self.dp.config()?;
+        cfg.cidr_v4 = n;
+        self.dp.set_config(&cfg)?;
+        Ok(())
+    }
+}
+
+/// A ban as the agent writes it: created now, expiring in ten minutes, checked against the
+/// allowlist.
+fn ttl_ban() -> BanValue {
+    let now = boot_ns();
+    BanValue {
+        created_ns: now,
+        expires_ns: now + 600_000_000_000,
+        flags: BAN_NOT_ALLOWLISTED,
+        ..Default::default()
+    }
 }
 
 /// A request padded to exactly `len` bytes with an extra header, before its final CRLF.
@@ -58,67 +177,25 @@ fn padded(mut req: Vec<u8>, len: usize) -> Vec<u8> {
     req
 }
 
-/// Mean ns of the handshake path with a fresh flow per run: one run per syscall, the flow
-/// deleted between runs (a repeated run would find the flow and skip the classifier).
-fn handshake(dp: &mut DataPlane, request: &[u8]) -> Result<f64> {
-    let frame = Pkt::tcp("198.18.0.9", 40000, SERVER, PORT)
-        .payload(request)
-        .build();
-    let key = flow_key("198.18.0.9", 40000, SERVER, PORT);
-    let mut total = Duration::ZERO;
-    for _ in 0..HANDSHAKES {
-        let (rc, d) = dp.xdp_repeat(&frame, 1)?;
-        ensure!(rc == XDP_PASS);
-        ensure!(
-            dp.flow(&key)?.is_some(),
-            "the handshake path recorded no flow"
-        );
-        dp.delete_flow(&key)?;
-        total += d;
-    }
-    Ok(total.as_nanos() as f64 / HANDSHAKES as f64)
-}
-
-fn single_floor(dp: &mut DataPlane, frame: &[u8]) -> Result<f64> {
-    let mut total = Duration::ZERO;
-    for _ in 0..HANDSHAKES {
-        total += dp.xdp_named("wsguard_bench_pass", frame, 1)?.1;
-    }
-    Ok(total.as_nanos() as f64 / HANDSHAKES as f64)
-}
-
-/// Grow the exact IPv4 ban map to `n` entries (10.0.0.0 upwards), saying how far it got.
-fn fill_bans(dp: &mut DataPlane, from: u32, n: u32) -> Result<()> {
-    let started = Instant::now();
-    let value = BanValue {
-        created_ns: boot_ns(),
-        ..Default::default()
-    };
-    let mut bans = dp.bans_v4()?;
-    for i in from..n {
-        bans.insert((0x0a00_0000 + i).to_be_bytes(), value, 0)?;
-        if (i + 1) % 250_000 == 0 {
-            eprintln!(
-                "  {} bans inserted ({:.1}s)",
-                i + 1,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let mut dp = DataPlane::load(&[PORT])?;
-    let mut rows = Vec::new();
-    let mut row = |path: &str, ns: f64, floor: Floor, target: Option<f64>| {
-        eprintln!("  {path}: {ns:.1} ns");
-        rows.push(Row {
-            path: path.to_owned(),
-            ns,
-            floor,
-            target,
-        });
+    // The agent's built-in allowlist: loopback, link-local, the node's own address.
+    for (addr, prefix) in [
+        ("127.0.0.0", 8),
+        ("169.254.0.0", 16),
+        (SERVER, 32),
+        ("::1", 128),
+        ("fe80::", 10),
+        ("fd00:1::1", 128),
+    ] {
+        dp.allow(addr, prefix)?;
+    }
+    eprintln!("filling the ban pre-filter");
+    dp.fill_filter(false)?;
+    dp.fill_filter(true)?;
+    let mut b = Bench {
+        dp,
+        rows: Vec::new(),
     };
     eprintln!("measuring ({REPEAT} repeats, best of {ROUNDS})");
 
@@ -128,73 +205,56 @@ fn main() -> Result<()> {
     let clean6 = Pkt::tcp("fd00::10", 40000, "fd00:1::1", 443)
         .payload(&[0x17; 64])
         .build();
-    row(
-        "floor: bare XDP_PASS",
-        best(&mut dp, Some("wsguard_bench_pass"), &clean, XDP_PASS)?,
-        Floor::Pass,
-        None,
-    );
-    row(
-        "floor: bare XDP_DROP",
-        best(&mut dp, Some("wsguard_bench_drop"), &clean, XDP_DROP)?,
-        Floor::Drop,
-        None,
-    );
-    row(
-        "clean v4, unwatched port",
-        best(&mut dp, None, &clean, XDP_PASS)?,
-        Floor::Pass,
-        Some(2.0),
-    );
-    row(
-        "clean v6, unwatched port",
-        best(&mut dp, None, &clean6, XDP_PASS)?,
-        Floor::Pass,
-        Some(2.0),
-    );
+    let ns = b.best(Some("wsguard_bench_pass"), &clean, XDP_PASS)?;
+    b.row("floor: bare XDP_PASS", ns, Floor::Pass, None);
+    let ns = b.best(Some("wsguard_bench_drop"), &clean, XDP_DROP)?;
+    b.row("floor: bare XDP_DROP", ns, Floor::Drop, None);
+    b.measure("clean v4, unwatched port", &clean, XDP_PASS, Some(2.0))?;
+    b.measure("clean v6, unwatched port", &clean6, XDP_PASS, Some(2.0))?;
 
     // An established WebSocket, opened through the real path (request in, 101 out).
     let req = Pkt::tcp("198.18.0.11", 40000, SERVER, PORT).payload(&ws_request("/"));
-    dp.xdp(&req.build())?;
-    ensure!(
-        dp.tc(&req
-            .reply()
-            .payload(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-            .build())?
-            == TC_ACT_OK
-    );
+    b.dp.xdp(&req.build())?;
+    let answer = req
+        .reply()
+        .payload(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        .build();
+    ensure!(b.dp.tc(&answer)? == TC_ACT_OK);
     let key = flow_key("198.18.0.11", 40000, SERVER, PORT);
-    ensure!(dp.flow(&key)?.map(|f| f.state) == Some(FLOW_ESTABLISHED));
+    ensure!(b.dp.flow(&key)?.map(|f| f.state) == Some(FLOW_ESTABLISHED));
     let data = Pkt::tcp("198.18.0.11", 40000, SERVER, PORT)
         .payload(WS_FRAME)
         .build();
-    row(
+    b.measure(
         "established WebSocket data, watched port",
-        best(&mut dp, None, &data, XDP_PASS)?,
-        Floor::Pass,
+        &data,
+        XDP_PASS,
         Some(2.0),
-    );
+    )?;
 
     let valid = padded(ws_request("/chat"), 512);
     let bad = padded(bad_request("/chat"), 512);
     let hs_frame = Pkt::tcp("198.18.0.9", 40000, SERVER, PORT)
         .payload(&valid)
         .build();
-    row(
+    let ns = b.single_floor(&hs_frame)?;
+    b.row(
         "floor: bare XDP_PASS, 1 run per call",
-        single_floor(&mut dp, &hs_frame)?,
+        ns,
         Floor::PassSingle,
         None,
     );
-    row(
+    let ns = b.handshake(&valid)?;
+    b.row(
         "handshake, valid 512 B (fresh flow)",
-        handshake(&mut dp, &valid)?,
+        ns,
         Floor::PassSingle,
         None,
     );
-    row(
+    let ns = b.handshake(&bad)?;
+    b.row(
         "handshake, bad 512 B (fresh flow)",
-        handshake(&mut dp, &bad)?,
+        ns,
         Floor::PassSingle,
         None,
     );
@@ -206,63 +266,82 @@ fn main() -> Result<()> {
     let mut filled = 0;
     for (n, label) in [(10, "10"), (100_000, "100k"), (1_000_000, "1M")] {
         eprintln!("filling the exact ban map to {label}");
-        fill_bans(&mut dp, filled, n)?;
+        b.fill_bans(filled, n)?;
         filled = n;
         let target = (n == 1_000_000).then_some(2.5);
-        row(
+        b.measure(
             &format!("banned exact, {label} bans, SYN"),
-            best(&mut dp, None, &banned_syn, XDP_DROP)?,
-            Floor::Drop,
+            &banned_syn,
+            XDP_DROP,
             target,
-        );
-        row(
+        )?;
+        b.measure(
             &format!("banned exact, {label} bans, request on watched port"),
-            best(&mut dp, None, &banned_data, XDP_DROP)?,
-            Floor::Drop,
+            &banned_data,
+            XDP_DROP,
             target,
-        );
+        )?;
     }
-    row(
-        "clean v4, 1M exact bans",
-        best(&mut dp, None, &clean, XDP_PASS)?,
-        Floor::Pass,
-        Some(2.0),
-    );
+    b.measure("clean v4, 1M exact bans", &clean, XDP_PASS, Some(2.0))?;
+    // The same ban without the writer's allowlist promise: the allowlist is looked up.
+    let mut unchecked = ttl_ban();
+    unchecked.flags = 0;
+    b.dp.bans_v4()?.insert([10, 0, 0, 5], unchecked, 0)?;
+    b.measure(
+        "banned exact, 1M bans, SYN, allowlist looked up",
+        &banned_syn,
+        XDP_DROP,
+        None,
+    )?;
+    b.dp.bans_v4()?.insert([10, 0, 0, 5], ttl_ban(), 0)?;
 
     eprintln!("filling the CIDR trie with 10k prefixes");
-    {
-        let value = BanValue {
-            created_ns: boot_ns(),
-            ..Default::default()
-        };
-        let mut trie = dp.ban_cidrs_v4()?;
-        for i in 0..10_000u32 {
-            // 10k /24s from 172.16.0.0 upwards.
-            trie.insert(
-                &Key::new(24, (0xac10_0000 + (i << 8)).to_be_bytes()),
-                value,
-                0,
-            )?;
-        }
-    }
-    let mut cfg = dp.config()?;
-    cfg.cidr_v4 = 10_000;
-    dp.set_config(&cfg)?;
+    b.fill_cidrs(10_000)?;
     let cidr_syn = Pkt::tcp("172.16.20.7", 40000, SERVER, PORT).syn().build();
-    row(
+    b.measure(
         "banned CIDR, 10k prefixes (+1M exact), SYN",
-        best(&mut dp, None, &cidr_syn, XDP_DROP)?,
-        Floor::Drop,
+        &cidr_syn,
+        XDP_DROP,
         None,
-    );
-    row(
+    )?;
+    b.measure(
         "clean v4, 1M exact + 10k CIDR bans",
-        best(&mut dp, None, &clean, XDP_PASS)?,
-        Floor::Pass,
+        &clean,
+        XDP_PASS,
         Some(2.0),
-    );
+    )?;
+    b.measure(
+        "established WebSocket data, 1M exact + 10k CIDR bans",
+        &data,
+        XDP_PASS,
+        Some(2.0),
+    )?;
+    // The same clean packets where the filter cannot help: a source in a /24 that holds a ban.
+    let neighbour = Pkt::tcp("10.15.66.200", 40000, SERVER, 443)
+        .payload(&[0x17; 64])
+        .build();
+    b.measure(
+        "clean v4 next to a banned address (bucket not clean)",
+        &neighbour,
+        XDP_PASS,
+        None,
+    )?;
+    // Last, as it empties the pre-filter: every bucket "maybe banned".
+    b.dp.clear_filter()?;
+    b.measure(
+        "no filter: clean v4, 1M exact + 10k CIDR bans",
+        &clean,
+        XDP_PASS,
+        Some(2.0),
+    )?;
+    b.measure(
+        "no filter: banned exact, 1M bans, SYN",
+        &banned_syn,
+        XDP_DROP,
+        Some(2.5),
+    )?;
 
-    print_table(&rows);
+    print_table(&b.rows);
     Ok(())
 }
 

@@ -1,0 +1,122 @@
+//! `wsguard status`: what is attached where, and loud warnings when protection is degraded.
+
+use std::{io::Write, time::Duration};
+
+use clap::Args;
+
+use super::{
+    Client, Global, Output, Result,
+    output::{Table, thousands},
+    term,
+};
+use crate::{
+    api::{MetricsSnapshot, StatusJson},
+    duration,
+    model::Mode,
+};
+
+/// Warn when the ban map is fuller than this (percent): new bans are refused at 100 %.
+const FILL_WARN: u64 = 90;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {}
+
+pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
+    let c = Client::new(&g.socket);
+    let s: StatusJson = c.get("/v1/status")?;
+    let mut out = std::io::stdout().lock();
+    if g.output == Output::Json {
+        return Ok(super::output::json(&mut out, &s)?);
+    }
+    // The breaker state lives in the metrics snapshot; an older agent without it still gets a
+    // status, just without that warning.
+    let m: Option<MetricsSnapshot> = c.get("/v1/metrics").ok();
+    let fill = s.ban_map.entries * 100 / s.ban_map.capacity.max(1);
+    writeln!(out, "version   {}", s.version)?;
+    let mode = match s.mode {
+        Mode::Enforce => term::paint_stdout("enforce", term::GREEN),
+        Mode::Observe => term::paint_stdout("observe (nothing is dropped)", term::YELLOW),
+    };
+    writeln!(out, "mode      {mode}")?;
+    writeln!(
+        out,
+        "uptime    {}",
+        duration::human(Duration::from_secs(s.uptime_s))
+    )?;
+    writeln!(
+        out,
+        "pinned    {}",
+        if s.pinned {
+            "yes (links survive agent restarts)"
+        } else {
+            "no"
+        }
+    )?;
+    writeln!(
+        out,
+        "ban map   {} / {} ({fill}%)",
+        thousands(s.ban_map.entries),
+        thousands(s.ban_map.capacity)
+    )?;
+    writeln!(out)?;
+    let rows: Vec<Vec<String>> = s
+        .interfaces
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.xdp_mode.clone(),
+                i.xdp_prog_id.to_string(),
+                i.tc_egress.clone(),
+            ]
+        })
+        .collect();
+    Table::new(&["INTERFACE", "XDP MODE", "XDP PROG ID", "TC EGRESS"], &[2])
+        .page(&mut out, &rows)?;
+
+    let mut warnings = Vec::new();
+    for i in &s.interfaces {
+        if i.xdp_mode.starts_with("netlink") {
+            warnings.push(format!(
+                "{}: XDP fell back to a netlink attachment ({}); it cannot be pinned, so an agent \
+                 restart re-attaches instead of adopting it",
+                i.name, i.xdp_mode
+            ));
+        }
+        if i.tc_egress == "none" {
+            warnings.push(format!(
+                "{}: no TC egress program: server answers (4xx, 101) are not seen",
+                i.name
+            ));
+        }
+    }
+    if !s.pinned {
+        warnings.push("links are not pinned: programs go away when the agent exits".into());
+    }
+    if m.as_ref().is_some_and(|m| m.breaker_open) {
+        warnings.push(
+            "circuit breaker open: a storm of distinct sources forced automatic bans into observe \
+             mode"
+                .into(),
+        );
+    }
+    if fill >= FILL_WARN {
+        warnings.push(format!(
+            "ban map {fill}% full: at 100% new bans are refused (raise --max-bans or lift bans)"
+        ));
+    }
+    if s.interfaces.is_empty() {
+        warnings.push("no interface is protected".into());
+    }
+    if !warnings.is_empty() {
+        writeln!(out)?;
+    }
+    for w in warnings {
+        writeln!(
+            out,
+            "{}",
+            term::paint_stdout(&format!("warning: {w}"), term::RED)
+        )?;
+    }
+    Ok(())
+}

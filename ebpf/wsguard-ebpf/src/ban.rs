@@ -1,0 +1,234 @@
+//! Ban lookup and judgement on the XDP path: which live ban covers a source, whether the
+//! allowlist or a preserved flow overrides it, and the per-ban drop counter.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use wsguard_common::{
+    filter::{slot, v4_bit, v6_bit},
+    maps::{
+        BAN_HARD, BAN_NOT_ALLOWLISTED, BAN_OBSERVE, BanValue, CFG_OBSERVE, Config, Counter,
+        FLOW_ESTABLISHED,
+    },
+};
+
+use crate::{
+    atomic::add_u64,
+    clock::coarse_now_ns,
+    maps::{
+        ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, FLOWS,
+        PENDING_DROPS, PORTS, PendingDrops, V4_TAG,
+    },
+    parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
+    xdp::flow_key,
+};
+use aya_ebpf::programs::XdpContext;
+
+/// A ban's own shared drop counter is exact up to here; past it (a hot attacker), each CPU
+/// adds its drops in batches so that many CPUs do not fight over one cache line.
+const HOT_DROPS: u64 = 1024;
+/// Drops a CPU holds back for a hot ban before adding them to the shared counter.
+const DROP_BATCH: u64 = 64;
+
+pub enum Banned {
+    Drop,
+    /// Passes, counted under this action.
+    Pass(Counter),
+}
+
+/// The live ban that covers the source, if any. The pre-filter answers for most clean
+/// sources with one array read; the rest look up the exact address first, then the CIDR tries
+/// if they hold any. An expired exact ban must not hide a live CIDR ban over the same address.
+#[inline(always)]
+pub fn find_ban<'a>(l3: &L3, cfg: &Config) -> Option<&'a mut BanValue> {
+    if proven_clean(l3) {
+        return None;
+    }
+    // SAFETY: map values live while the program runs; `drops` is only touched atomically.
+    lookup_live(l3.v6, l3.src, cfg).map(|p| unsafe { &mut *p })
+}
+
+/// Whether the pre-filter says no ban covers the source's bucket.
+#[inline(always)]
+fn proven_clean(l3: &L3) -> bool {
+    let bit = if l3.v6 {
+        // SAFETY: parse_l3 bounds-checked 16 address bytes for IPv6.
+        v6_bit(unsafe { &*(l3.src as *const [u8; 16]) })
+    } else {
+        // SAFETY: parse_l3 bounds-checked 4 address bytes for IPv4.
+        v4_bit(unsafe { (l3.src as *const [u8; 4]).read_unaligned() })
+    };
+    let (word, mask) = slot(bit, l3.v6);
+    BAN_FILTER.get(word).is_some_and(|w| *w & mask != 0)
+}
+
+/// The live ban of `src` (4 or 16 readable bytes, as `v6` says), exact first, then CIDR.
+#[inline(always)]
+fn lookup_live(v6: bool, src: *const u8, cfg: &Config) -> Option<*mut BanValue> {
+    // The clock is read only once a ban matched, and only for bans that expire.
+    let mut now = 0;
+    if v6 {
+        // SAFETY: the caller guarantees 16 readable bytes.
+        let src = unsafe { &*(src as *const [u8; 16]) };
+        live(BANS_V6.get_ptr_mut(src), &mut now).or_else(|| {
+            if cfg.cidr_v6 == 0 {
+                return None;
+            }
+            let cidr = BAN_CIDRS_V6.get(Key::new(128, *src));
+            live(cidr.map(|v| v as *const _ as *mut BanValue), &mut now)
+        })
+    } else {
+        // SAFETY: the caller guarantees 4 readable bytes.
+        let src = unsafe { &*(src as *const [u8; 4]) };
+        live(BANS_V4.get_ptr_mut(src), &mut now).or_else(|| {
+            if cfg.cidr_v4 == 0 {
+                return None;
+            }
+            let cidr = BAN_CIDRS_V4.get(Key::new(32, *src));
+            live(cidr.map(|v| v as *const _ as *mut BanValue), &mut now)
+        })
+    }
+}
+
+/// `ban` unless it has expired (the agent may not have removed it yet).
+#[inline(always)]
+fn live(ban: Option<*mut BanValue>, now: &mut u64) -> Option<*mut BanValue> {
+    let ban = ban?;
+    // SAFETY: a live map value, read once.
+    let expires = unsafe { (*ban).expires_ns };
+    if expires == 0 {
+        return Some(ban);
+    }
+    if *now == 0 {
+        *now = coarse_now_ns();
+    }
+    if expires <= *now { None } else { Some(ban) }
+}
+
+#[inline(always)]
+pub fn judge_banned(ctx: &XdpContext, l3: &L3, ban: &mut BanValue, cfg: &Config) -> Banned {
+    if ban.flags & BAN_NOT_ALLOWLISTED == 0 && allowlisted(l3) {
+        return Banned::Pass(Counter::Allowlisted);
+    }
+    let observe = ban.flags & BAN_OBSERVE != 0 || cfg.flags & CFG_OBSERVE != 0;
+    if !observe && ban.flags & BAN_HARD == 0 && preserved(ctx, l3, ban) {
+        // Preserved packets pass and are no drops, so the CLI's per-ban count stays honest.
+        return Banned::Pass(Counter::Preserved);
+    }
+    // Counted for observe bans too: "would have dropped" is what the operator wants to see.
+    count_drop(l3, ban);
+    if observe {
+        Banned::Pass(Counter::WouldDrop)
+    } else {
+        Banned::Drop
+    }
+}
+
+#[inline(always)]
+fn allowlisted(l3: &L3) -> bool {
+    if l3.v6 {
+        // SAFETY: the address bytes were bounds-checked by parse_l3.
+        let src = unsafe { (l3.src as *const [u8; 16]).read_unaligned() };
+        ALLOW_V6.get(Key::new(128, src)).is_some()
+    } else {
+        // SAFETY: the address bytes were bounds-checked by parse_l3.
+        let src = unsafe { (l3.src as *const [u8; 4]).read_unaligned() };
+        ALLOW_V4.get(Key::new(32, src)).is_some()
+    }
+}
+
+/// Is this a packet of a TCP flow that was an established WebSocket (or TLS session) before
+/// the ban was created? A SYN never is: it starts a new flow.
+#[inline(always)]
+fn preserved(ctx: &XdpContext, l3: &L3, ban: &BanValue) -> bool {
+    if l3.proto != Some(IPPROTO_TCP) {
+        return false;
+    }
+    let Ok(tcp) = parse_tcp(ctx, l3) else {
+        return false;
+    };
+    // Flows are only tracked on watched ports: elsewhere the flow lookup (the costliest step
+    // of this path) cannot find anything.
+    if tcp.flags & TCP_SYN != 0 || !PORTS.get(tcp.dport as u32).is_some_and(|w| *w != 0) {
+        return false;
+    }
+    match FLOWS.get_ptr(flow_key(l3, &tcp)) {
+        // SAFETY: a live map value, read once.
+        Some(flow) => unsafe {
+            (*flow).state == FLOW_ESTABLISHED && (*flow).first_seen_ns < ban.created_ns
+        },
+        None => false,
+    }
+}
+
+/// Count one drop against `ban`. Exact (one shared atomic add) until the ban is hot; then
+/// this CPU batches the drops of the source it saw last and adds them every `DROP_BATCH`, or
+/// as soon as it drops another source. The shared counter then lags by less than `DROP_BATCH`
+/// per CPU, invisible on counts past `HOT_DROPS`: that is what keeps one attacker spread over
+/// every CPU from turning its counter's cache line into the slowest part of the path.
+#[inline(always)]
+fn count_drop(l3: &L3, ban: &mut BanValue) {
+    let Some(pending) = PENDING_DROPS.get_ptr_mut(0) else {
+        // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
+        unsafe { add_u64(&mut ban.drops, 1) };
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let pending = unsafe { &mut *pending };
+    // SAFETY: a racy read of a live u64 only shifts the moment batching starts.
+    let hot = unsafe { core::ptr::read_volatile(&ban.drops) } >= HOT_DROPS;
+    let src = src_words(l3);
+    let same = pending.src[0] == src[0] && pending.src[1] == src[1];
+    if hot && same {
+        pending.count += 1;
+        if pending.count >= DROP_BATCH {
+            // SAFETY: as above.
+            unsafe { add_u64(&mut ban.drops, pending.count) };
+            pending.count = 0;
+        }
+        return;
+    }
+    let mut add = 1;
+    if pending.count != 0 {
+        if same {
+            add += pending.count;
+        } else {
+            flush(pending);
+        }
+        pending.count = 0;
+    }
+    // SAFETY: as above.
+    unsafe { add_u64(&mut ban.drops, add) };
+    pending.src = src;
+}
+
+/// The source as `PendingDrops::src` holds it: two word loads, no byte shuffling.
+#[inline(always)]
+fn src_words(l3: &L3) -> [u64; 2] {
+    // SAFETY: parse_l3 bounds-checked 16 (IPv6) or 4 (IPv4) address bytes.
+    unsafe {
+        if l3.v6 {
+            let p = l3.src as *const [u64; 2];
+            p.read_unaligned()
+        } else {
+            [V4_TAG, u64::from((l3.src as *const u32).read_unaligned())]
+        }
+    }
+}
+
+/// Add the held-back drops to the ban that covers their source now (gone: nothing to do).
+#[inline(always)]
+fn flush(pending: &PendingDrops) {
+    let v6 = pending.src[0] != V4_TAG;
+    let words = pending.src;
+    let v4 = pending.src[1] as u32;
+    let p = if v6 {
+        words.as_ptr() as *const u8
+    } else {
+        &v4 as *const u32 as *const u8
+    };
+    if let Some(cfg) = crate::maps::CONFIG.get(0)
+        && let Some(ban) = lookup_live(v6, p, cfg)
+    {
+        // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
+        unsafe { add_u64(&mut (*ban).drops, pending.count) };
+    }
+}

@@ -1,0 +1,168 @@
+//! Real nginx in the node namespace, configured the way ingress-nginx proxies WebSockets, with
+//! its prefix, pid file, logs and temp dirs in the lab's own directory.
+
+use anyhow::{Result, bail};
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use super::proc::Proc;
+use crate::netns::NetNs;
+
+pub const NGINX: &str = "/usr/sbin/nginx";
+/// Answered by nginx itself, so the lab can tell nginx is up without touching the backend.
+pub const HEALTH_PATH: &str = "/lab-nginx-health";
+
+pub struct Nginx {
+    proc: Proc,
+    pub prefix: PathBuf,
+}
+
+/// The configuration: the WebSocket part is what ingress-nginx renders for every location.
+pub fn config(prefix: &Path, backend: SocketAddr, port: u16) -> String {
+    let p = prefix.display();
+    format!(
+        r#"# wsguard lab: nginx in front of the echo backend, like ingress-nginx.
+user root;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log info;
+events {{ worker_connections 8192; }}
+http {{
+    log_format lab '$remote_addr $status "$request" $request_time';
+    access_log {p}/access.log lab;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
+
+    upstream backend {{
+        server {backend};
+    }}
+
+    server {{
+        listen {port} default_server reuseport backlog=4096;
+        listen [::]:{port} default_server reuseport backlog=4096;
+
+        location = {HEALTH_PATH} {{
+            access_log off;
+            return 200 "ok\n";
+        }}
+
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_connect_timeout 5s;
+            proxy_send_timeout 60s;
+            proxy_read_timeout 60s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+impl Nginx {
+    /// Write the config under `dir/nginx`, start nginx in `ns` and wait until it answers.
+    pub fn start(ns: &NetNs, dir: &Path, backend: SocketAddr, port: u16) -> Result<Self> {
+        let prefix = dir.join("nginx");
+        fs::create_dir_all(prefix.join("tmp"))?;
+        let conf = prefix.join("nginx.conf");
+        fs::write(&conf, config(&prefix, backend, port))?;
+        let (conf_s, prefix_s) = (conf.display().to_string(), prefix.display().to_string());
+        let err_log = prefix.join("error.log").display().to_string();
+        // -e: the compiled-in error log (/var/log/nginx) is opened before the config is read.
+        let args = [
+            "-p",
+            &prefix_s,
+            "-e",
+            &err_log,
+            "-c",
+            &conf_s,
+            "-g",
+            "daemon off;",
+        ];
+        let proc = Proc::spawn(ns, "nginx", dir, Path::new(NGINX), &args)?;
+        let mut nginx = Self { proc, prefix };
+        nginx.wait_ready(ns, port)?;
+        Ok(nginx)
+    }
+
+    fn wait_ready(&mut self, ns: &NetNs, port: u16) -> Result<()> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = ns.run(move || health(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port)))?;
+            if up {
+                return Ok(());
+            }
+            if !self.proc.running() {
+                bail!(
+                    "nginx exited at start:\n{}{}",
+                    self.proc.err_text(),
+                    self.error_log()
+                );
+            }
+            if Instant::now() > end {
+                bail!("nginx did not answer within 10s:\n{}", self.error_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.prefix.join("access.log")).unwrap_or_default()
+    }
+
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(self.prefix.join("error.log")).unwrap_or_default()
+    }
+
+    /// Access-log lines of requests from `addr` (nginx logs a WebSocket when it closes).
+    pub fn requests_from(&self, addr: IpAddr) -> usize {
+        let me = addr.to_string();
+        self.access_log()
+            .lines()
+            .filter(|l| l.split(' ').next() == Some(me.as_str()))
+            .count()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // Fast shutdown; the process group kill in Proc's drop catches a stuck worker.
+        self.proc.signal(libc::SIGTERM);
+        let _ = self.proc.wait(Duration::from_secs(5));
+        self.proc.signal(libc::SIGKILL);
+    }
+}
+
+/// One GET of the health path; true on a 200.
+fn health(addr: SocketAddr) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let req = format!("GET {HEALTH_PATH} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    super::http::response_status(&buf[..n]) == Some(200)
+}
