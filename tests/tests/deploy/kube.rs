@@ -30,14 +30,43 @@ pub fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
+/// PRODUCT.md's Agent and Metrics sections: from the contract beside the repository when it is
+/// there (a developer's checkout), else from the excerpt committed with the tests (CI's clone).
 pub fn product() -> String {
-    let p = root().join("../shared/PRODUCT.md");
-    fs::read_to_string(&p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: the product contract must sit beside the repository",
-            p.display()
-        )
-    })
+    let shared = root().join("../shared/PRODUCT.md");
+    match fs::read_to_string(&shared) {
+        Ok(text) => text,
+        Err(_) => read(&excerpt_path()),
+    }
+}
+
+pub fn excerpt_path() -> PathBuf {
+    root().join("tests/tests/deploy/product_excerpt.md")
+}
+
+/// The committed excerpt must say what the contract says, section for section.
+#[test]
+fn excerpt_matches_the_contract() {
+    let shared = root().join("../shared/PRODUCT.md");
+    let Ok(contract) = fs::read_to_string(&shared) else {
+        // Nothing to compare with; the excerpt itself is what the other tests read.
+        assert!(read(&excerpt_path()).contains("## Metrics"));
+        return;
+    };
+    let excerpt = read(&excerpt_path());
+    for heading in ["## Agent", "## Metrics"] {
+        let section = |t: &str| {
+            let s = t.split(heading).nth(1).expect(heading).to_owned();
+            s.split("\n## ").next().unwrap().trim().to_owned()
+        };
+        assert_eq!(
+            section(&excerpt),
+            section(&contract),
+            "{heading} in {} differs from {}: copy it again",
+            excerpt_path().display(),
+            shared.display()
+        );
+    }
 }
 
 pub fn yaml_docs(text: &str, what: &str) -> Vec<Value> {
