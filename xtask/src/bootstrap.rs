@@ -9,7 +9,18 @@ use std::process::Command;
 
 use crate::cmd::{output, sh, show};
 
-const NIGHTLY: &str = "nightly";
+/// The kernel crate's dated nightly, read from its rust-toolchain.toml (the one place it is set).
+pub fn nightly() -> Result<String> {
+    let path = crate::cmd::root().join("ebpf/wsguard-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_owned())
+        })
+        .ok_or_else(|| anyhow::anyhow!("{}: no `channel = \"…\"` line", path.display()))
+}
 /// bpf-linker is built against this LLVM (Debian's llvm-22 packages).
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -47,33 +58,42 @@ pub fn run() -> Result<Report> {
 }
 
 fn nightly_rust_src(report: &mut Report) -> Result<()> {
+    let nightly = nightly()?;
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        NIGHTLY,
+        &nightly,
     ]));
-    if installed
-        .as_deref()
-        .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
-    {
-        println!("ok: {NIGHTLY} toolchain with rust-src");
+    let has = |c: &str| {
+        installed
+            .as_deref()
+            .is_some_and(|l| l.lines().any(|x| x.starts_with(c)))
+    };
+    if has("rust-src") && has("clippy") {
+        println!("ok: {nightly} toolchain with rust-src and clippy");
         return Ok(());
     }
-    println!("missing: rust-src for the {NIGHTLY} toolchain (builds `core` for the BPF target)");
+    println!(
+        "missing: the {nightly} toolchain with rust-src and clippy (builds and lints the kernel \
+         crate; a dated nightly because bpf-linker reads only LLVM 22 bitcode)"
+    );
+    // A dated channel: installing it never moves a toolchain the machine already has.
     let mut cmd = Command::new("rustup");
     cmd.args([
         "toolchain",
         "install",
-        NIGHTLY,
+        &nightly,
         "--profile",
         "minimal",
         "--component",
-        "rust-src",
+        "rust-src,clippy",
     ]);
-    try_install(&mut cmd, "rust-src (nightly)")?;
-    report.installed.push("rust-src (nightly)".into());
+    try_install(&mut cmd, &format!("{nightly} with rust-src"))?;
+    report
+        .installed
+        .push(format!("{nightly} (rust-src, clippy)"));
     Ok(())
 }
 

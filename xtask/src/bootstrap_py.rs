@@ -33,13 +33,32 @@ pub fn pip_packages(pkgs: &[&str]) -> Result<()> {
         cmd.arg("--root-user-action=ignore");
     }
     cmd.args(&missing);
-    sh(&mut cmd).map_err(|e| {
-        anyhow!(
-            "could not install {}: {e}\n  install it by hand with: {}",
-            missing.join(", "),
-            show(&cmd)
-        )
-    })
+    if sh(&mut cmd).is_ok() {
+        return Ok(());
+    }
+    // A distribution's own Python (PEP 668, "externally managed") refuses pip installs; the
+    // test suite runs as root on a throwaway machine, so install beside the distribution's
+    // packages, as pip's own error message suggests.
+    if externally_managed() {
+        println!("python3 is externally managed (PEP 668): retrying with --break-system-packages");
+        cmd.arg("--break-system-packages");
+        if sh(&mut cmd).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(anyhow!(
+        "could not install {}\n  install it by hand with: {}",
+        missing.join(", "),
+        show(&cmd)
+    ))
+}
+
+fn externally_managed() -> bool {
+    output(Command::new("python3").args([
+        "-c",
+        "import sysconfig, os; print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))",
+    ]))
+    .is_some_and(|o| o.trim() == "True")
 }
 
 fn pip_installed(req: &str) -> bool {

@@ -41,9 +41,10 @@ pub fn run_all(t: &mut Timings) -> Result<()> {
             "warnings",
         ]))
     })?;
+    let nightly = format!("+{}", bootstrap::nightly()?);
     t.step("clippy (kernel crate, BPF target)", || {
         sh(cargo().args([
-            "+nightly",
+            nightly.as_str(),
             "clippy",
             "--package",
             "wsguard-ebpf",
