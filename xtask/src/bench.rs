@@ -1,5 +1,7 @@
-//! `cargo xtask bench`: the data-plane benchmark (`tests/src/bin/wsguard-bench.rs`), built in
-//! release mode and run as root. It prints ratios measured side by side; it asserts nothing.
+//! `cargo xtask bench`: the data-plane benchmark (`tests/src/bin/wsguard-bench.rs`, ratios to
+//! bare programs measured side by side) and the log parsers' throughput (`agent/examples/
+//! logs_bench.rs`, lines per second on one core against issue 7's 200k/s goal), both built in
+//! release mode. They print what they measure; they assert nothing.
 
 use anyhow::{Result, bail};
 use std::process::Command;
@@ -22,5 +24,15 @@ pub fn run() -> Result<()> {
         "wsguard-tests",
         "--bin",
         "wsguard-bench",
+    ]))?;
+    println!("\nlog parsers, one core (goal: at least 200000 lines/s per format):");
+    sh(Command::new("cargo").current_dir(root()).args([
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "wsguard",
+        "--example",
+        "logs_bench",
     ]))
 }
