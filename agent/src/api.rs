@@ -116,6 +116,38 @@ pub struct StatusJson {
     pub ban_map: BanMapJson,
 }
 
+/// Log detection in `status` (issue 7): present only when the agent has `[logs]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsStatusJson {
+    pub sources: Vec<LogSourceStatusJson>,
+    /// Active bans with source `log`.
+    pub bans: u64,
+    /// Of those, bans no packet has hit: the logged address may not be the packet source XDP
+    /// sees (a client behind a load balancer), so XDP may be unable to enforce them.
+    pub bans_unmatched: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSourceStatusJson {
+    pub name: String,
+    pub lines: u64,
+    pub matched: u64,
+    pub parse_errors: u64,
+    pub bursts: u64,
+    /// One per configured path or glob.
+    pub files: Vec<LogFileStatusJson>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogFileStatusJson {
+    /// The configured path or glob.
+    pub path: String,
+    /// The files it matches that are being read.
+    pub following: Vec<String>,
+    /// Why nothing is read (missing file, no match, permission); retried.
+    pub error: Option<String>,
+}
+
 /// A row of `wsguard top`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopJson {

@@ -9,6 +9,9 @@
 //! - `ban_rate_limit` (100), `ban_rate_window` ("10s"), `ban_rate_hard_limit` (1000): the
 //!   circuit breaker on automatic bans (see `policy::breaker`).
 //! - `offense_memory` ("7d"): how long an address's offence history is kept after its last ban.
+//! - `[logs]` (config file only): log sources and rules for TLS-terminated traffic, see
+//!   `crate::logs::config`; its rules default to `threshold`, `window` and `ws_path`, its
+//!   offsets live in `<state_dir>/logs`.
 
 use std::{
     net::SocketAddr,
@@ -125,6 +128,8 @@ pub struct FileConfig {
     pub ban_rate_window: Option<String>,
     pub ban_rate_hard_limit: Option<i64>,
     pub offense_memory: Option<String>,
+    /// `[logs]`: log sources and rules (issue 7, `crate::logs::config`).
+    pub logs: Option<crate::logs::LogsFile>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -151,6 +156,8 @@ pub struct AgentConfig {
     pub api_gid: Option<u32>,
     pub breaker: BreakerConfig,
     pub offense_memory: Duration,
+    /// `None`: no `[logs]` table, no log detection.
+    pub logs: Option<crate::logs::LogsConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -175,6 +182,9 @@ pub enum ConfigError {
         "no interface given and no default route found in /proc/net/route or /proc/net/ipv6_route: pass --iface"
     )]
     NoInterface,
+    /// A `[logs]` value; the message names the key (`logs.rules[0].window`) and the value.
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogsConfigError),
 }
 
 fn invalid(key: &'static str, value: impl Into<String>, why: impl ToString) -> ConfigError {
@@ -325,6 +335,16 @@ impl AgentConfig {
             file.offense_memory.as_deref(),
             "7d",
         )?;
+        let state_dir = pick_path(&args.state_dir, &file.state_dir, paths::STATE_DIR);
+        let logs = match &file.logs {
+            None => None,
+            Some(l) => Some(l.validate(&crate::logs::LogDefaults {
+                threshold,
+                window,
+                ws_paths: ws_paths.clone(),
+                state_dir: state_dir.clone(),
+            })?),
+        };
 
         Ok(Self {
             interfaces,
@@ -339,7 +359,7 @@ impl AgentConfig {
             max_bans,
             allow,
             socket: pick_path(&args.socket, &file.socket, paths::SOCKET),
-            state_dir: pick_path(&args.state_dir, &file.state_dir, paths::STATE_DIR),
+            state_dir,
             pin_dir: pick_path(&args.pin_dir, &file.pin_dir, paths::PIN_DIR),
             metrics_addr,
             log_format: args
@@ -350,6 +370,7 @@ impl AgentConfig {
             api_gid,
             breaker,
             offense_memory,
+            logs,
         })
     }
 }
@@ -797,6 +818,40 @@ mod tests {
         assert!(e.contains("threshold"), "{e}");
         let e = FileConfig::parse("mode = \"loud\"").unwrap_err();
         assert!(e.contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn logs_table_is_validated_with_the_agent_defaults() {
+        let toml = r#"
+            threshold = 7
+            window = "30s"
+            ws_path = ["/ws"]
+            state_dir = "/tmp/wsg"
+            [[logs.sources]]
+            name = "ingress"
+            paths = ["/var/log/ingress.log"]
+            format = "ingress-nginx"
+        "#;
+        let c = merge(toml, &[]).unwrap();
+        let l = c.logs.expect("[logs] kept");
+        assert_eq!(l.sources.len(), 1);
+        assert_eq!(l.state_dir, PathBuf::from("/tmp/wsg/logs"));
+        let r = &l.rules[0];
+        assert_eq!(
+            (r.threshold.count, r.threshold.window),
+            (7, Duration::from_secs(30))
+        );
+        assert_eq!(merge("", &[]).unwrap().logs, None);
+
+        let bad = "[[logs.sources]]\nname = \"x\"\npaths = [\"/a\"]\nformat = \"nginx\"\n\
+                   [[logs.rules]]\nname = \"r\"\nstatuses = [400]\nwindow = \"soon\"\n";
+        let e = err(bad, &[]);
+        assert!(
+            e.contains("logs.rules[0].window") && e.contains("soon"),
+            "{e}"
+        );
+        let e = FileConfig::parse("[logs]\nsourcez = []").unwrap_err();
+        assert!(e.contains("sourcez"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod backend;
 mod kernel;
+mod logs;
 mod shared;
 mod startup;
 
@@ -20,7 +21,7 @@ use anyhow::Context as _;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix,
-    task::JoinHandle,
+    task::{AbortHandle, JoinHandle},
 };
 use tracing::{error, info, warn};
 
@@ -28,12 +29,19 @@ use crate::{
     api::Backend,
     config::{AgentArgs, AgentConfig, LogFormat},
     datapath::DataPath,
+    logs::{LogEvent, LogsHandle},
     paths, server,
 };
+pub use logs::LogsView;
 use shared::Agent;
 
 /// Shortest gap between two state writes: bursts of changes coalesce into one write.
 const SAVE_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Log events in flight between the source threads and the policy; when full the sources
+/// wait (a log line is never dropped for lack of room).
+const LOG_EVENTS: usize = 1024;
+/// How long the API socket may take to accept connections at start.
+const API_BIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&args).context("invalid agent configuration")?;
@@ -45,13 +53,25 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         ports = ?cfg.ports,
         "starting"
     );
+    // Log sources open before the kernel is touched: a busy syslog port or an unreadable
+    // offsets file stops the start with nothing changed. Their events wait in the channel
+    // until the policy is up.
+    let logs = match &cfg.logs {
+        Some(l) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(LOG_EVENTS);
+            let h = LogsHandle::start(l, tx).context("cannot start the log sources ([logs])")?;
+            info!(sources = l.sources.len(), "log sources started");
+            Some((h, rx))
+        }
+        None => None,
+    };
     let inner = startup::open(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(Arc::new(Agent::new(cfg, inner))))
+    rt.block_on(serve(Arc::new(Agent::new(cfg, inner)), logs))
 }
 
 fn init_tracing(format: LogFormat) {
@@ -66,29 +86,31 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
-async fn serve(agent: Arc<Agent>) -> anyhow::Result<()> {
+type Logs = (LogsHandle, tokio::sync::mpsc::Receiver<LogEvent>);
+
+async fn serve(agent: Arc<Agent>, logs: Option<Logs>) -> anyhow::Result<()> {
     let backend: Arc<dyn Backend> = agent.clone();
     let mut tasks: Vec<JoinHandle<()>> = vec![
         tokio::spawn(bursts(agent.clone())),
         tokio::spawn(sweeper(agent.clone())),
         tokio::spawn(saver(agent.clone())),
     ];
-    let opts = server::ServerOptions {
-        socket: agent.cfg.socket.clone(),
-        mutate_gid: agent.cfg.api_gid,
-        audit_log: agent.cfg.state_dir.join(paths::AUDIT_LOG),
-    };
-    let b = backend.clone();
-    tasks.push(tokio::spawn(async move {
-        // The data plane keeps enforcing without the API; say so loudly and keep running.
-        if let Err(e) = server::serve_api(opts, b).await {
-            error!("API server stopped: {e:#}");
-        }
-    }));
+    if let Some((h, rx)) = logs {
+        agent.set_logs(h);
+        tasks.push(tokio::spawn(log_events(agent.clone(), rx)));
+    }
+    let (api_watch, api) = start_api(&agent, backend.clone()).await?;
+    tasks.push(api_watch);
     if let Some(addr) = agent.cfg.metrics_addr {
         let b = backend.clone();
+        let a = agent.clone();
+        let logs: Option<crate::metrics::LogsProbe> = agent
+            .cfg
+            .logs
+            .is_some()
+            .then(|| Arc::new(move || a.logs_view()) as crate::metrics::LogsProbe);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_metrics(addr, b).await {
+            if let Err(e) = crate::metrics::serve_metrics(addr, b, logs).await {
                 error!(%addr, "metrics endpoint stopped: {e:#}");
             }
         }));
@@ -104,10 +126,85 @@ async fn serve(agent: Arc<Agent>) -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT"),
         _ = agent.exit.notified() => {}
     }
+    // Before the consumer goes: the sources save offsets only past events it took.
+    let a = agent.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || a.stop_logs()).await {
+        error!("stopping the log sources: {e}");
+    }
     for t in &tasks {
         t.abort();
     }
+    api.abort();
     shutdown(&agent)
+}
+
+/// Start the API server and wait until its socket accepts connections: "ready" (log line and
+/// `/readyz`) must never come before a client can connect. A bind failure (another agent on
+/// the socket, a bad path) stops the start.
+/// Returns the task that reports the server's end, and the server's abort handle.
+async fn start_api(
+    agent: &Arc<Agent>,
+    backend: Arc<dyn Backend>,
+) -> anyhow::Result<(JoinHandle<()>, AbortHandle)> {
+    let opts = server::ServerOptions {
+        socket: agent.cfg.socket.clone(),
+        mutate_gid: agent.cfg.api_gid,
+        audit_log: agent.cfg.state_dir.join(paths::AUDIT_LOG),
+    };
+    let socket = opts.socket.clone();
+    // A socket file already there (stale, or another agent's) is not ours: only a file bound
+    // after the server started counts, or a probe could reach another process's listener.
+    let before = socket_id(&socket);
+    let mut api = tokio::spawn(server::serve_api(opts, backend));
+    let end = tokio::time::Instant::now() + API_BIND_TIMEOUT;
+    loop {
+        if api.is_finished() {
+            return match (&mut api).await {
+                Ok(Err(e)) => Err(e.context("cannot start the API server")),
+                Ok(Ok(())) => anyhow::bail!("the API server stopped at start"),
+                Err(e) => anyhow::bail!("the API server task failed at start: {e}"),
+            };
+        }
+        let now = socket_id(&socket);
+        if now.is_some() && now != before && tokio::net::UnixStream::connect(&socket).await.is_ok()
+        {
+            break;
+        }
+        if tokio::time::Instant::now() > end {
+            api.abort();
+            anyhow::bail!(
+                "the API socket {} did not accept connections within {API_BIND_TIMEOUT:?}",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let abort = api.abort_handle();
+    let watch = tokio::spawn(async move {
+        // The data plane keeps enforcing without the API; say so loudly and keep running.
+        match api.await {
+            Ok(Err(e)) => error!("API server stopped: {e:#}"),
+            Ok(Ok(())) => error!("API server stopped"),
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => error!("API server task failed: {e}"),
+        }
+    });
+    Ok((watch, abort))
+}
+
+/// Identity of the file at `path`: inode and change time (an inode number alone can be
+/// reused by the file that replaces a stale socket).
+fn socket_id(path: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Log bursts -> policy (same rails as kernel bursts).
+async fn log_events(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver<LogEvent>) {
+    while let Some(ev) = rx.recv().await {
+        agent.on_log_event(ev);
+    }
 }
 
 fn shutdown(agent: &Agent) -> anyhow::Result<()> {

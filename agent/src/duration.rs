@@ -1,28 +1,56 @@
-//! Durations as operators write them: `500ms`, `30s`, `10m`, `1h`, `1d` (PRODUCT.md).
+//! Durations as operators write them: `500ms`, `30s`, `10m`, `1h`, `1d` (PRODUCT.md), and the
+//! compound forms the CLI tables print (`9m41s`, `1h30m`, `3d4h`), so a TTL read off a table
+//! can be pasted back.
 
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {0:?}: use a whole number with a unit, e.g. 500ms, 30s, 10m, 1h, 1d")]
+#[error(
+    "invalid duration {0:?}: use whole numbers with units, largest first, e.g. 500ms, 30s, 10m, \
+     1h30m, 1d"
+)]
 pub struct DurationError(pub String);
 
-/// Parse `N<unit>` with unit `ms`, `s`, `m`, `h` or `d`. Zero is allowed; callers that need a
-/// positive duration check that themselves.
+/// Units from largest to smallest, in milliseconds.
+const UNITS: [(&str, u64); 5] = [
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1_000),
+    ("ms", 1),
+];
+
+/// Parse one or more `N<unit>` parts with unit `d`, `h`, `m`, `s` or `ms`, each unit at most
+/// once and largest first (`1h30m`, not `30m1h`: a misordered paste is more likely a typo than
+/// intent). Zero is allowed; callers that need a positive duration check that themselves.
 pub fn parse(s: &str) -> Result<Duration, DurationError> {
     let err = || DurationError(s.to_owned());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(err()),
-    };
-    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(err)
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    let mut total: u64 = 0;
+    // Index into UNITS of the next unit allowed: each part must be smaller than the last.
+    let mut next = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        let (num, tail) = rest.split_at(digits);
+        let letters = tail
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(letters);
+        let n: u64 = num.parse().map_err(|_| err())?;
+        let i = UNITS[next..]
+            .iter()
+            .position(|(u, _)| *u == unit)
+            .ok_or_else(err)?
+            + next;
+        let part = n.checked_mul(UNITS[i].1).ok_or_else(err)?;
+        total = total.checked_add(part).ok_or_else(err)?;
+        next = i + 1;
+        rest = tail;
+    }
+    Ok(Duration::from_millis(total))
 }
 
 /// Human form for tables: `9m41s`, `2h5m`, `3d4h`, `450ms`.
@@ -70,6 +98,45 @@ mod tests {
     }
 
     #[test]
+    fn parses_compound_forms() {
+        assert_eq!(parse("9m41s"), Ok(Duration::from_secs(581)));
+        assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse("3d4h"), Ok(Duration::from_secs(86400 * 3 + 3600 * 4)));
+        assert_eq!(parse("1d2h3m4s5ms"), Ok(Duration::from_millis(93_784_005)));
+        assert_eq!(parse("1s500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse(" 2h5m "), Ok(Duration::from_secs(7500)));
+        assert_eq!(parse("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn human_forms_parse_back() {
+        for secs in [
+            1,
+            59,
+            60,
+            581,
+            600,
+            3599,
+            3600,
+            5400,
+            7500,
+            86399,
+            86400,
+            3 * 86400 + 4 * 3600,
+        ] {
+            let d = Duration::from_secs(secs);
+            let h = human(d);
+            let back = parse(&h).unwrap();
+            // human() drops the smallest part beyond two units; it never rounds up.
+            assert!(back <= d && d - back < Duration::from_secs(3600), "{h}");
+        }
+        assert_eq!(
+            parse(&human(Duration::from_millis(450))),
+            Ok(Duration::from_millis(450))
+        );
+    }
+
+    #[test]
     fn rejects_bad_input_naming_it() {
         for bad in [
             "",
@@ -80,6 +147,16 @@ mod tests {
             "10 minutes",
             "1w",
             "99999999999999999999d",
+            "213503982334601d",
+            "30m1h",
+            "1m1m",
+            "1ms30s",
+            "1h30",
+            "1h 30m",
+            "h30m",
+            "1h-30m",
+            "1hm",
+            "1x2s",
         ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.0, bad);

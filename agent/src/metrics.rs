@@ -20,23 +20,43 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::{Backend, MetricsSnapshot};
+use crate::{
+    api::{Backend, MetricsSnapshot},
+    daemon::LogsView,
+};
+
+mod logs;
+
+/// Log detection's counters, read at each scrape; `None` from the probe: no `[logs]`.
+pub type LogsProbe = Arc<dyn Fn() -> Option<LogsView> + Send + Sync>;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serve metrics until an error; the daemon drops the future to stop it.
-pub async fn serve_metrics(addr: SocketAddr, backend: Arc<dyn Backend>) -> anyhow::Result<()> {
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    backend: Arc<dyn Backend>,
+    logs: Option<LogsProbe>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-    axum::serve(listener, router(backend))
+    axum::serve(listener, router_with(backend, logs))
         .await
         .with_context(|| format!("metrics endpoint on {addr}"))
 }
 
 pub fn router(backend: Arc<dyn Backend>) -> Router {
+    router_with(backend, None)
+}
+
+/// `router`, plus the log detection metrics when `logs` is given.
+pub fn router_with(backend: Arc<dyn Backend>, logs: Option<LogsProbe>) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(backend.clone())));
+    if let Some(probe) = logs {
+        registry.register_collector(Box::new(logs::LogsCollector(probe)));
+    }
     let state = Arc::new((registry, backend));
     Router::new()
         .route("/metrics", get(scrape))

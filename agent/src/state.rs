@@ -106,8 +106,25 @@ fn decode(bytes: &[u8]) -> Result<State, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("corrupt state file: {e}"))
 }
 
-/// Write `state` atomically.
+/// Write `state` atomically. A slow write (a million bans, a slow disk) is logged with its
+/// size and duration, since the file is rewritten in full after every batch of changes.
 pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
+    let t = std::time::Instant::now();
+    save_atomically(dir, state)?;
+    let took = t.elapsed();
+    if took >= std::time::Duration::from_secs(1) {
+        let bytes = fs::metadata(path(dir)).map_or(0, |m| m.len());
+        tracing::info!(
+            bans = state.bans.len(),
+            bytes,
+            ms = took.as_millis() as u64,
+            "slow state file write"
+        );
+    }
+    Ok(())
+}
+
+fn save_atomically(dir: &Path, state: &State) -> Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
     let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
     let r = write_synced(&tmp, state);
@@ -125,7 +142,8 @@ pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
 
 fn write_synced(tmp: &Path, state: &State) -> Result<(), StateError> {
     let f = fs::File::create(tmp).map_err(io_err("cannot create", tmp))?;
-    let mut w = io::BufWriter::new(f);
+    // Large buffer: a 1M-ban file is a quarter gigabyte.
+    let mut w = io::BufWriter::with_capacity(1 << 20, f);
     serde_json::to_writer(&mut w, state)
         .map_err(io::Error::other)
         .and_then(|()| w.flush())

@@ -1,6 +1,11 @@
 //! The API's view of the agent: every `Backend` method, in PRODUCT.md's JSON shapes.
 
-use std::{collections::HashMap, net::IpAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::atomic::Ordering,
+    time::Duration,
+};
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tracing::{info, warn};
@@ -16,8 +21,9 @@ use super::{
 use crate::{
     addr::Cidr,
     api::*,
+    datapath::{DataPathError, WriteStats},
     model::{AllowEntry, Ban, BanSource},
-    policy::{AllowError, BanRequest, RefuseReason, Ttl},
+    policy::{AllowError, BanRequest, Change, Refusal, RefuseReason, Ttl},
 };
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -81,31 +87,70 @@ fn ttl(ttl_s: Option<u64>, permanent: bool) -> Result<Ttl, String> {
 
 impl Agent {
     /// Apply a batch of API bans: every request is checked first and a refused batch changes
-    /// nothing.
-    fn ban_batch(&self, reqs: Vec<BanRequest>) -> Result<Vec<Ban>, ApiError> {
+    /// nothing. The policy decides them all, then the kernel takes them in one batched write
+    /// (host bans thousands per syscall); a ban the kernel did not take is rolled back so the
+    /// policy never claims a ban that is not enforced.
+    /// `refused` words the error of a refused batch.
+    fn ban_batch(
+        &self,
+        reqs: Vec<BanRequest>,
+        refused: impl FnOnce(Vec<(usize, Refusal)>) -> ApiError,
+    ) -> Result<(Vec<Ban>, WriteStats), ApiError> {
         let c = Clocks::now();
         let mut g = self.lock();
         if let Err(bad) = g.policy.preflight(&reqs) {
-            let msgs: Vec<String> = bad.iter().map(|(_, r)| r.to_string()).collect();
-            return Err(ApiError::refused(msgs.join("; ")));
+            return Err(refused(bad));
         }
-        let mut out = Vec::with_capacity(reqs.len());
+        let mut applied = Vec::with_capacity(reqs.len());
         let mut err = None;
         for r in reqs {
-            match g.apply_ban(r, &c) {
-                Ok(a) => out.push(a.ban),
-                Err(BanError::Refused(r)) => err = Some(ApiError::refused(r.to_string())),
-                Err(e) => err = Some(ApiError::internal(e.to_string())),
-            }
-            if err.is_some() {
-                break;
+            match g.policy.ban(r, c.wall) {
+                Ok(a) => applied.push(a),
+                // The preflight makes this unreachable short of a bug; apply what was decided.
+                Err(r) => {
+                    err = Some(ApiError::refused(r.to_string()));
+                    break;
+                }
             }
         }
+        let writes: Vec<_> = applied
+            .iter()
+            .filter(|a| a.change != Change::Unchanged)
+            .map(|a| (a.ban.cidr, kernel::ban_value(&a.ban, &c)))
+            .collect();
+        let stats = match g.dp.put_bans(&writes) {
+            Ok(stats) => stats,
+            Err(e) => {
+                let unwritten: HashSet<Cidr> = e.unwritten.iter().copied().collect();
+                let created: HashSet<Cidr> = applied
+                    .iter()
+                    .filter(|a| a.change == Change::Created)
+                    .map(|a| a.ban.cidr)
+                    .collect();
+                for cidr in unwritten.intersection(&created) {
+                    g.policy.unban(cidr);
+                }
+                applied.retain(|a| !unwritten.contains(&a.ban.cidr));
+                let first = e.unwritten.first().copied();
+                err = Some(match (e.err, first) {
+                    (DataPathError::Full { .. }, Some(cidr)) => {
+                        g.policy.count_refused(RefuseReason::Full);
+                        let max = u64::from(g.dp.ban_capacity());
+                        ApiError::refused(Refusal::Full { cidr, max }.to_string())
+                    }
+                    (err, Some(cidr)) => {
+                        ApiError::internal(BanError::Kernel { cidr, err }.to_string())
+                    }
+                    (err, None) => ApiError::internal(err.to_string()),
+                });
+                e.stats
+            }
+        };
         drop(g);
         self.mark_dirty();
         match err {
             Some(e) => Err(e),
-            None => Ok(out),
+            None => Ok((applied.into_iter().map(|a| a.ban).collect(), stats)),
         }
     }
 
@@ -149,7 +194,10 @@ impl Backend for Agent {
                 hard: req.hard,
             })
             .collect();
-        let bans = self.ban_batch(reqs)?;
+        let (bans, _) = self.ban_batch(reqs, |bad| {
+            let msgs: Vec<String> = bad.iter().map(|(_, r)| r.to_string()).collect();
+            ApiError::refused(msgs.join("; "))
+        })?;
         let drops = self.lock().drops(true).clone();
         Ok(bans
             .iter()
@@ -168,18 +216,16 @@ impl Backend for Agent {
         limit: usize,
     ) -> Result<Vec<BanJson>, ApiError> {
         let mut g = self.lock();
-        let page: Vec<Ban> = g
-            .policy
-            .bans()
-            .filter(|b| source.is_none_or(|s| b.source == s))
-            .skip(offset)
-            .take(limit)
-            .cloned()
-            .collect();
-        let drops = g.drops(offset == 0);
+        let page = g.policy.page(source, offset, limit);
+        // Looked up per ban: reading every map per page would make listing 1M bans quadratic.
+        let cidrs: Vec<Cidr> = page.iter().map(|b| b.cidr).collect();
+        let drops =
+            g.dp.drops_of(&cidrs)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(page
             .iter()
-            .map(|b| ban_json(b, drops.get(&b.cidr).copied().unwrap_or(0)))
+            .zip(drops)
+            .map(|(b, d)| ban_json(b, d))
             .collect())
     }
 
@@ -408,21 +454,20 @@ impl Backend for Agent {
                 bad.join("; ")
             )));
         }
-        {
-            let mut g = self.lock();
-            if let Err(refused) = g.policy.preflight(&reqs) {
-                let msgs: Vec<String> = refused
-                    .iter()
-                    .map(|(i, r)| format!("entry {i}: {r}"))
-                    .collect();
-                return Err(ApiError::refused(format!(
-                    "nothing imported: {}",
-                    msgs.join("; ")
-                )));
-            }
-        }
         let n = reqs.len() as u64;
-        self.ban_batch(reqs)?;
+        let (_, stats) = self.ban_batch(reqs, |refused| {
+            let msgs: Vec<String> = refused
+                .iter()
+                .map(|(i, r)| format!("entry {i}: {r}"))
+                .collect();
+            ApiError::refused(format!("nothing imported: {}", msgs.join("; ")))
+        })?;
+        info!(
+            bans = n,
+            kernel_entries = stats.entries,
+            kernel_writes = stats.writes,
+            "import applied"
+        );
         Ok(ImportResponse { imported: n })
     }
 

@@ -19,6 +19,7 @@ use crate::{
     config::AgentConfig,
     datapath::{DataPath, DataPathError},
     duration,
+    logs::LogsHandle,
     model::{Ban, BanSource},
     policy::{Applied, BanRequest, Change, Policy, Refusal, RefuseReason, Ttl},
     state::{self, State},
@@ -37,6 +38,8 @@ pub struct Agent {
     /// Snapshots taken so far, and the number of the last one written.
     snapshots: AtomicU64,
     written: Mutex<u64>,
+    /// The running log sources (`[logs]`), once started.
+    pub(super) logs: Mutex<Option<LogsHandle>>,
 }
 
 pub struct Inner {
@@ -69,6 +72,7 @@ impl Agent {
             detached: AtomicBool::new(false),
             snapshots: AtomicU64::new(0),
             written: Mutex::new(0),
+            logs: Mutex::new(None),
         }
     }
 

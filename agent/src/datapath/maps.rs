@@ -2,15 +2,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::{
-    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
-    lpm_trie::Key,
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    RingBuf, lpm_trie::Key,
 };
 use wsguard_common::maps::{
     BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, FlowValue, RateValue, names,
 };
 
-use super::DataPathError;
+use super::{DataPathError, sys};
 use crate::addr::Cidr;
 
 /// Upper bound on entries visited in one walk of an LRU map: a hash map that changes under
@@ -134,12 +136,10 @@ impl Maps {
     /// Every ban, at most `limit` per map.
     pub fn bans(&self, limit: usize) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
         let mut out = Vec::new();
-        for r in self.bans_v4.iter().take(limit) {
-            let (k, v) = r.map_err(err("walk BANS_V4"))?;
+        for (k, v) in host_entries(&self.bans_v4, limit, "BANS_V4")? {
             out.push((Cidr::host(Ipv4Addr::from(k).into()), v));
         }
-        for r in self.bans_v6.iter().take(limit) {
-            let (k, v) = r.map_err(err("walk BANS_V6"))?;
+        for (k, v) in host_entries(&self.bans_v6, limit, "BANS_V6")? {
             out.push((Cidr::host(Ipv6Addr::from(k).into()), v));
         }
         for r in self.cidrs_v4.iter().take(limit) {
@@ -293,6 +293,28 @@ impl Maps {
     }
 }
 
+/// Entries per `BPF_MAP_LOOKUP_BATCH` when reading a whole ban map.
+const READ_CHUNK: usize = 8192;
+
+/// Every entry of an exact ban map, at most `limit`: batched reads (a 1M-entry map in about a
+/// hundred syscalls instead of two million), key by key where the kernel has no batch lookup.
+fn host_entries<const N: usize>(
+    map: &HashMap<MapData, [u8; N], BanValue>,
+    limit: usize,
+    name: &str,
+) -> Result<Vec<([u8; N], BanValue)>, DataPathError> {
+    let fd = map.map().fd().as_fd();
+    match sys::lookup_all(fd, READ_CHUNK, limit) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => map
+            .iter()
+            .take(limit)
+            .map(|r| r.map_err(|e| DataPathError::Other(format!("walk {name}: {e}"))))
+            .collect(),
+        Err(e) => Err(DataPathError::Other(format!("read {name}: {e}"))),
+    }
+}
+
 fn net(addr: IpAddr, prefix: u32) -> Option<Cidr> {
     Cidr::new(addr, u8::try_from(prefix).ok()?).ok()
 }
@@ -310,13 +332,19 @@ pub fn ban_err(e: &MapError, cidr: Cidr, capacity: u32) -> DataPathError {
     }
 }
 
+/// A lookup or delete of a key that is not there.
+pub fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn optional<T>(r: Result<T, MapError>) -> Result<Option<T>, MapError> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(None),
-        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(None)
-        }
+        Err(e) if not_found(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -31,6 +31,7 @@
 //! another build (forcing the atomic swap), `WSGUARD_TEST_TC_CLSACT=1` skips TCX.
 
 mod attach;
+mod batch;
 mod loader;
 mod maps;
 mod open;
@@ -43,6 +44,7 @@ use wsguard_common::maps::{BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, 
 
 use crate::{addr::Cidr, api::InterfaceJson};
 
+pub use batch::{PutBansError, WriteStats};
 pub use loader::build_id;
 pub use pins::Layout;
 
@@ -228,6 +230,7 @@ impl DataPath {
         if existing.is_none() {
             self.ban_entries += 1;
         }
+        batch::wrote(1);
         Ok(())
     }
 
@@ -246,6 +249,15 @@ impl DataPath {
     /// Every ban entry in the maps (for adoption and reconciliation).
     pub fn bans(&self) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
         self.maps.bans(self.max_bans as usize + 1)
+    }
+
+    /// The drop counter of each of `cidrs` (0 where absent), one lookup each: a page of a
+    /// large list costs its own size, not a walk of every map.
+    pub fn drops_of(&self, cidrs: &[Cidr]) -> Result<Vec<u64>, DataPathError> {
+        cidrs
+            .iter()
+            .map(|c| Ok(self.maps.get_ban(c)?.map_or(0, |v| v.drops)))
+            .collect()
     }
 
     /// Entries in the ban maps (expired ones included until deleted).

@@ -1,11 +1,11 @@
 //! The few kernel calls aya 0.14 does not expose: bpffs detection and mounting, a link's
-//! target interface, and forced link detach.
+//! target interface, forced link detach, and batched map reads and writes.
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -17,6 +17,11 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// The kernel-internal "operation not supported" that map commands return (not in libc).
+const ENOTSUPP: i32 = 524;
 
 fn cstr(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
@@ -213,6 +218,150 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// `union bpf_attr`'s `batch` member (BPF_MAP_*_BATCH).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// A batch call that failed after `done` entries went through.
+#[derive(Debug)]
+pub struct BatchError {
+    pub done: usize,
+    pub err: io::Error,
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: `keys[i] -> values[i]`, in order, in one syscall (create or
+/// replace: the kernel takes no `BPF_NOEXIST` here). Hash maps only; LPM tries answer EINVAL.
+/// On an error, the entries before `done` are written and the rest are not.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchError> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let count = u32::try_from(keys.len()).expect("batches are far below 4G entries");
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(()) => Ok(()),
+        // The kernel writes back how many it processed.
+        Err(err) => Err(BatchError {
+            done: (attr.count as usize).min(keys.len()),
+            err,
+        }),
+    }
+}
+
+/// Whether a batch call failed only because the kernel has no batch operations (before 5.6).
+pub fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP))
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of one entry (create or replace), the fallback of `update_batch`.
+pub fn update_elem<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &mut ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: key as *const K as u64,
+            value: value as *const V as u64,
+            flags: 0,
+        },
+    )
+}
+
+/// Every entry of a hash map through `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per syscall, at
+/// most `limit` in all. `Ok(None)` if the kernel has no batch lookup for this map (then walk
+/// it key by key).
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    limit: usize,
+) -> io::Result<Option<Vec<(K, V)>>> {
+    let mut chunk = chunk.max(1);
+    let mut out = Vec::new();
+    // The hash map's position token is a bucket index (u32); 8 bytes covers every map type.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(chunk);
+        let mut values: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(chunk);
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token_in as *mut u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let end = match &r {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than fit: retry the same position with more room.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) if first && batch_unsupported(e) => {
+                return Ok(None);
+            }
+            Err(_) => return r.map(|()| None),
+        };
+        let n = (attr.count as usize).min(chunk);
+        // SAFETY: the kernel filled the first `n` keys and values (`count` says how many);
+        // K and V are Pod, so any bytes are valid values.
+        unsafe {
+            keys.set_len(n);
+            values.set_len(n);
+        }
+        out.extend(
+            keys.into_iter()
+                .zip(values)
+                // SAFETY: initialised above.
+                .map(|(k, v)| unsafe { (k.assume_init(), v.assume_init()) }),
+        );
+        if end || out.len() >= limit {
+            out.truncate(limit);
+            return Ok(Some(out));
+        }
+        token_in = token_out;
+        first = false;
+    }
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {

@@ -78,7 +78,9 @@ impl Allowlist {
     }
 
     pub(super) fn overlapping(&self, cidr: &Cidr) -> Option<&AllowEntry> {
-        self.entries().find(|e| e.cidr.overlaps(cidr))
+        // The family test first: it is cheap, and a batch of 1M bans asks this twice each.
+        self.entries()
+            .find(|e| e.cidr.is_v4() == cidr.is_v4() && e.cidr.overlaps(cidr))
     }
 
     pub(super) fn add(

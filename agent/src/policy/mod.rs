@@ -16,6 +16,7 @@
 
 mod allow;
 mod breaker;
+mod page;
 #[cfg(test)]
 mod tests;
 
@@ -166,6 +167,9 @@ pub struct Policy {
     breaker: Breaker,
     counters: PolicyCounters,
     last_offense_prune: Option<OffsetDateTime>,
+    /// Bumped on every insert and removal, so a page cursor knows it is still valid.
+    generation: u64,
+    cursor: Option<page::PageCursor>,
 }
 
 fn src_idx(s: BanSource) -> usize {
@@ -185,6 +189,8 @@ impl Policy {
             offenses: HashMap::new(),
             counters: PolicyCounters::default(),
             last_offense_prune: None,
+            generation: 0,
+            cursor: None,
         }
     }
 
@@ -502,11 +508,13 @@ impl Policy {
             self.by_expiry.insert((e, ban.cidr));
         }
         self.active[src_idx(ban.source)] += 1;
+        self.generation += 1;
         self.bans.insert(ban.cidr, ban);
     }
 
     fn remove(&mut self, cidr: &Cidr) -> Option<Ban> {
         let ban = self.bans.remove(cidr)?;
+        self.generation += 1;
         if let Some(e) = ban.expires_at {
             self.by_expiry.remove(&(e, ban.cidr));
         }

@@ -166,3 +166,125 @@ fn health(addr: SocketAddr) -> bool {
     let n = s.read(&mut buf).unwrap_or(0);
     super::http::response_status(&buf[..n]) == Some(200)
 }
+
+/// How a TLS site writes its access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// ingress-nginx's default `upstreaminfo` format.
+    IngressNginx,
+    /// A JSON object per line (`escape=json`), with ingress-nginx's usual field names.
+    Json,
+}
+
+/// A TLS server in front of the backend, as ingress-nginx terminates wss://.
+#[derive(Debug, Clone)]
+pub struct TlsSite {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The TLS port (all addresses).
+    pub port: u16,
+    /// A plain-HTTP port on 127.0.0.1 answering only the health path, so start-up can be
+    /// checked without TLS.
+    pub health_port: u16,
+    pub format: AccessFormat,
+}
+
+/// The TLS configuration: like [`config`], with the access log in `site.format`.
+pub fn tls_config(prefix: &Path, backend: SocketAddr, site: &TlsSite) -> String {
+    let p = prefix.display();
+    let (cert, key) = (site.cert.display(), site.key.display());
+    let (port, health) = (site.port, site.health_port);
+    // $proxy_upstream_name and $req_id are ingress-nginx's own variables; defined here the
+    // way ingress-nginx fills them so the line has exactly its shape.
+    let format = match site.format {
+        AccessFormat::IngressNginx => {
+            r#"log_format upstreaminfo '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_length $request_time [$proxy_upstream_name] [$proxy_alternative_upstream_name] $upstream_addr $upstream_response_length $upstream_response_time $upstream_status $req_id';"#
+        }
+        AccessFormat::Json => {
+            r#"log_format upstreaminfo escape=json '{"time":"$time_iso8601","remote_addr":"$remote_addr","request":"$request","request_uri":"$request_uri","status":$status,"http_x_forwarded_for":"$http_x_forwarded_for","upstream_addr":"$upstream_addr","req_id":"$req_id"}';"#
+        }
+    };
+    format!(
+        r#"# wsguard lab: nginx terminating TLS in front of the echo backend, like ingress-nginx.
+user root;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log info;
+events {{ worker_connections 8192; }}
+http {{
+    map $host $proxy_upstream_name {{ default "default-echo-80"; }}
+    map $host $proxy_alternative_upstream_name {{ default ""; }}
+    map $request_id $req_id {{ default $request_id; }}
+    {format}
+    access_log {p}/access.log upstreaminfo;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
+
+    upstream backend {{
+        server {backend};
+    }}
+
+    server {{
+        listen 127.0.0.1:{health};
+        location = {HEALTH_PATH} {{
+            access_log off;
+            return 200 "ok\n";
+        }}
+    }}
+
+    server {{
+        listen {port} ssl default_server reuseport backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 60s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+impl Nginx {
+    /// A TLS nginx under `dir/nginx-tls` (next to the lab's plain one), started in `ns`.
+    pub fn start_tls(ns: &NetNs, dir: &Path, backend: SocketAddr, site: &TlsSite) -> Result<Self> {
+        let prefix = dir.join("nginx-tls");
+        fs::create_dir_all(prefix.join("tmp"))?;
+        let conf = prefix.join("nginx.conf");
+        fs::write(&conf, tls_config(&prefix, backend, site))?;
+        let (conf_s, prefix_s) = (conf.display().to_string(), prefix.display().to_string());
+        let err_log = prefix.join("error.log").display().to_string();
+        let args = [
+            "-p",
+            &prefix_s,
+            "-e",
+            &err_log,
+            "-c",
+            &conf_s,
+            "-g",
+            "daemon off;",
+        ];
+        let proc = Proc::spawn(ns, "nginx-tls", dir, Path::new(NGINX), &args)?;
+        let mut nginx = Self { proc, prefix };
+        nginx.wait_ready(ns, site.health_port)?;
+        Ok(nginx)
+    }
+}

@@ -1,0 +1,295 @@
+//! Many bans at once (imports, large `ban add` lists): host bans go to the exact hash maps
+//! through `BPF_MAP_UPDATE_BATCH`, thousands per syscall; network bans take the per-entry path
+//! (LPM tries have no batch operations, and each one also moves the CIDR count in CONFIG).
+//!
+//! The bookkeeping stays exact: which keys already exist is read before writing (from one
+//! batched read of the maps when they are small next to the batch, else key by key), so the
+//! entry count and the cap are right and a replaced ban keeps its drop counter, as with
+//! [`DataPath::put_ban`]. A crash between two chunks leaves a prefix of the batch in the maps
+//! and nothing half-written: each entry is one update, and host bans move no counter in the
+//! kernel, so the next start adopts whatever is there.
+//!
+//! Test hook: `WSGUARD_TEST_KILL_AFTER_BAN_WRITES=N` SIGKILLs the process right after its Nth
+//! ban entry reaches the kernel, batched or not; a batch is cut at that point so the crash lands
+//! exactly there. (The daemon counts the same writes with the same variable; this check runs
+//! first, inside the write, so it is the one that fires.)
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    os::fd::AsFd as _,
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use aya::maps::{IterableMap as _, MapData};
+use tracing::warn;
+use wsguard_common::maps::BanValue;
+
+use super::{DataPath, DataPathError, maps, sys};
+use crate::addr::Cidr;
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_LOOKUP_BATCH` call: large enough that the
+/// syscall cost vanishes, small enough that a chunk's buffers stay well under a megabyte.
+const CHUNK: usize = 8192;
+
+/// What a write of many bans did (for the import log line and the tests that read it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Ban entries written (new or replaced).
+    pub entries: u64,
+    /// Syscalls that wrote them: one per chunk of host bans, one per network ban.
+    pub writes: u64,
+}
+
+/// A write of many bans that stopped part way: everything but `unwritten` reached the kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("{err}")]
+pub struct PutBansError {
+    pub unwritten: Vec<Cidr>,
+    pub err: DataPathError,
+    pub stats: WriteStats,
+}
+
+impl DataPath {
+    /// Insert or replace every ban of `bans` (a later entry for the same network wins), like
+    /// [`DataPath::put_ban`] one by one but batched for host bans. Refused as a whole, with
+    /// nothing written, if the new entries do not fit under the cap.
+    pub fn put_bans(&mut self, bans: &[(Cidr, BanValue)]) -> Result<WriteStats, PutBansError> {
+        // Last one wins, as sequential puts would; keep the first-seen order otherwise.
+        let mut seen = HashSet::with_capacity(bans.len());
+        let mut last: Vec<(Cidr, BanValue)> = bans
+            .iter()
+            .rev()
+            .filter(|(c, _)| seen.insert(*c))
+            .copied()
+            .collect();
+        last.reverse();
+        let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, v) in last {
+            match (c.addr(), c.is_host()) {
+                (IpAddr::V4(a), true) => v4.push((c, a.octets(), v)),
+                (IpAddr::V6(a), true) => v6.push((c, a.octets(), v)),
+                _ => nets.push((c, v)),
+            }
+        }
+        let all_unwritten = |v4: &[Host<4>], v6: &[Host<16>], nets: &[(Cidr, BanValue)]| {
+            v4.iter()
+                .map(|h| h.0)
+                .chain(v6.iter().map(|h| h.0))
+                .chain(nets.iter().map(|n| n.0))
+                .collect::<Vec<_>>()
+        };
+        let fail = |unwritten, err, stats| PutBansError {
+            unwritten,
+            err,
+            stats,
+        };
+
+        // Which entries are new decides the cap and which drop counters to carry over.
+        let snapshot = self.ban_entries <= 2 * (v4.len() + v6.len()) as u64;
+        let old4 = existing(&self.maps.bans_v4, &v4, snapshot);
+        let old6 = existing(&self.maps.bans_v6, &v6, snapshot);
+        let (old4, old6) = match (old4, old6) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(fail(
+                    all_unwritten(&v4, &v6, &nets),
+                    e,
+                    WriteStats::default(),
+                ));
+            }
+        };
+        let mut new = (v4.len() - old4.len() + v6.len() - old6.len()) as u64;
+        for (c, _) in &nets {
+            match self.maps.get_ban(c) {
+                Ok(None) => new += 1,
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    return Err(fail(
+                        all_unwritten(&v4, &v6, &nets),
+                        e,
+                        WriteStats::default(),
+                    ));
+                }
+            }
+        }
+        if self.ban_entries + new > u64::from(self.max_bans) {
+            return Err(fail(
+                all_unwritten(&v4, &v6, &nets),
+                DataPathError::Full {
+                    capacity: self.max_bans,
+                },
+                WriteStats::default(),
+            ));
+        }
+
+        let mut stats = WriteStats::default();
+        let mut added = 0;
+        let cap = self.max_bans;
+        let fd4 = self.maps.bans_v4.map().fd().as_fd();
+        let r = match write_hosts(fd4, &v4, &old4, cap, &mut stats, &mut added) {
+            // IPv6 was never tried.
+            Err((mut unwritten, err)) => {
+                unwritten.extend(v6.iter().map(|h| h.0));
+                Err((unwritten, err))
+            }
+            Ok(()) => {
+                let fd6 = self.maps.bans_v6.map().fd().as_fd();
+                write_hosts(fd6, &v6, &old6, cap, &mut stats, &mut added)
+            }
+        };
+        self.ban_entries += added;
+        if let Err((mut unwritten, err)) = r {
+            unwritten.extend(nets.iter().map(|n| n.0));
+            return Err(fail(unwritten, err, stats));
+        }
+        for (i, (c, v)) in nets.iter().enumerate() {
+            if let Err(err) = self.put_ban(c, v) {
+                return Err(fail(nets[i..].iter().map(|n| n.0).collect(), err, stats));
+            }
+            stats.entries += 1;
+            stats.writes += 1;
+        }
+        Ok(stats)
+    }
+}
+
+/// A host ban: the network, its key in the exact map, its value.
+type Host<const N: usize> = (Cidr, [u8; N], BanValue);
+
+/// Existing entries among `hosts`' keys, with their drop counters.
+fn existing<const N: usize>(
+    map: &aya::maps::HashMap<MapData, [u8; N], BanValue>,
+    hosts: &[Host<N>],
+    snapshot: bool,
+) -> Result<HashMap<[u8; N], u64>, DataPathError> {
+    let mut out = HashMap::new();
+    if hosts.is_empty() {
+        return Ok(out);
+    }
+    if snapshot {
+        let all = sys::lookup_all::<[u8; N], BanValue>(map.map().fd().as_fd(), CHUNK, usize::MAX)
+            .map_err(|e| DataPathError::Other(format!("read the ban map: {e}")))?;
+        if let Some(all) = all {
+            let all: HashMap<[u8; N], u64> = all.into_iter().map(|(k, v)| (k, v.drops)).collect();
+            for (_, k, _) in hosts {
+                if let Some(d) = all.get(k) {
+                    out.insert(*k, *d);
+                }
+            }
+            return Ok(out);
+        }
+    }
+    for (_, k, _) in hosts {
+        match map.get(k, 0) {
+            Ok(v) => _ = out.insert(*k, v.drops),
+            Err(e) if maps::not_found(&e) => {}
+            Err(e) => return Err(DataPathError::Other(format!("read a ban: {e}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Write `hosts` in chunks; on an error, the networks not written and why.
+fn write_hosts<const N: usize>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    hosts: &[Host<N>],
+    old: &HashMap<[u8; N], u64>,
+    capacity: u32,
+    stats: &mut WriteStats,
+    added: &mut u64,
+) -> Result<(), (Vec<Cidr>, DataPathError)> {
+    let mut at = 0;
+    while at < hosts.len() {
+        let n = CHUNK.min(kill_budget()).min(hosts.len() - at);
+        let chunk = &hosts[at..at + n];
+        let keys: Vec<[u8; N]> = chunk.iter().map(|h| h.1).collect();
+        let values: Vec<BanValue> = chunk
+            .iter()
+            .map(|(_, k, v)| BanValue {
+                // Drops the kernel counts between the read and this write are lost: a handful.
+                drops: old.get(k).copied().unwrap_or(0),
+                ..*v
+            })
+            .collect();
+        let mut r = sys::update_batch(fd, &keys, &values);
+        stats.writes += 1;
+        if let Err(e) = &r
+            && e.done == 0
+            && sys::batch_unsupported(&e.err)
+        {
+            r = one_by_one(fd, &keys, &values, stats);
+        }
+        let done = r.as_ref().map_or_else(|e| e.done, |()| n);
+        stats.entries += done as u64;
+        *added += chunk[..done]
+            .iter()
+            .filter(|h| !old.contains_key(&h.1))
+            .count() as u64;
+        wrote(done as u64);
+        if let Err(e) = r {
+            let first = chunk[done].0;
+            let err = if matches!(e.err.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+                warn!(addr = %first, "the exact ban map is full before the cap: {}", e.err);
+                DataPathError::Full { capacity }
+            } else {
+                DataPathError::Other(format!("write the ban of {first}: {}", e.err))
+            };
+            return Err((hosts[at + done..].iter().map(|h| h.0).collect(), err));
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Without batch operations in the kernel: the same writes, one syscall each.
+fn one_by_one<K: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[BanValue],
+    stats: &mut WriteStats,
+) -> Result<(), sys::BatchError> {
+    for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+        stats.writes += 1;
+        sys::update_elem(fd, k, v).map_err(|err| sys::BatchError { done: i, err })?;
+    }
+    Ok(())
+}
+
+static KILL_LEFT: LazyLock<Option<AtomicU64>> = LazyLock::new(|| {
+    std::env::var("WSGUARD_TEST_KILL_AFTER_BAN_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(AtomicU64::new)
+});
+
+/// Entries that may be written before the test hook's kill point (unbounded without it).
+fn kill_budget() -> usize {
+    match KILL_LEFT.as_ref().map(|l| l.load(Ordering::SeqCst)) {
+        Some(left) if left > 0 => usize::try_from(left).unwrap_or(usize::MAX),
+        _ => usize::MAX,
+    }
+}
+
+/// `n` ban entries reached the kernel.
+pub(super) fn wrote(n: u64) {
+    let Some(left) = KILL_LEFT.as_ref() else {
+        return;
+    };
+    if n == 0 {
+        return;
+    }
+    let before = left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+            Some(l.saturating_sub(n))
+        })
+        .unwrap_or(0);
+    if before > 0 && before <= n {
+        warn!("WSGUARD_TEST_KILL_AFTER_BAN_WRITES reached: SIGKILL");
+        // SAFETY: plain kill(2) of our own process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
