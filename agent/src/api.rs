@@ -114,6 +114,9 @@ pub struct StatusJson {
     pub pinned: bool,
     pub interfaces: Vec<InterfaceJson>,
     pub ban_map: BanMapJson,
+    /// Beyond PRODUCT.md's fields: log detection, only when the agent has `[logs]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogsStatusJson>,
 }
 
 /// Log detection in `status` (issue 7): present only when the agent has `[logs]`.

@@ -334,6 +334,29 @@ fn scenario(l: &LogLab) -> Result<()> {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     ensure!(parse_errors == 0, "nginx's own lines failed to parse:\n{m}");
+
+    // `status` says the same, for an operator without a Prometheus.
+    let st = agent.cli_json(&["status", "-o", "json"])?;
+    let logs = &st["logs"];
+    ensure!(
+        logs["bans"] == 2 && logs["bans_unmatched"] == 1,
+        "status logs: {st}"
+    );
+    let missing_src = logs["sources"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "missing"))
+        .with_context(|| format!("no `missing` source in status: {st}"))?;
+    ensure!(
+        missing_src["files"][0]["error"].is_string(),
+        "missing file has no error in status: {missing_src}"
+    );
+    let text = agent.cli(&["status"])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    ensure!(
+        text.contains("1 of 2 log bans never matched a packet")
+            && text.contains("log source missing"),
+        "status text lacks the log warnings:\n{text}"
+    );
     Ok(())
 }
 

@@ -101,11 +101,16 @@ impl Client {
             ));
         }
         head.push_str("\r\n");
-        s.write_all(head.as_bytes())?;
-        if let Some(b) = body {
-            s.write_all(b)?;
+        let mut msg = head.into_bytes();
+        msg.extend_from_slice(body.unwrap_or_default());
+        // The agent may answer (a refusal, say) and close before it has read the whole request;
+        // the write then fails with EPIPE but the answer is waiting: read it before giving up.
+        let written = s.write_all(&msg);
+        match (written, read_response(BufReader::new(s))) {
+            (_, Ok(answer)) => Ok(answer),
+            (Err(w), Err(_)) => Err(w),
+            (Ok(()), Err(r)) => Err(r),
         }
-        read_response(BufReader::new(s))
     }
 }
 

@@ -10,7 +10,7 @@ use super::{
     term,
 };
 use crate::{
-    api::{MetricsSnapshot, StatusJson},
+    api::{LogsStatusJson, MetricsSnapshot, StatusJson},
     duration,
     model::Mode,
 };
@@ -108,6 +108,9 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
     if s.interfaces.is_empty() {
         warnings.push("no interface is protected".into());
     }
+    if let Some(logs) = &s.logs {
+        warnings.extend(log_warnings(logs));
+    }
     if !warnings.is_empty() {
         writeln!(out)?;
     }
@@ -119,4 +122,28 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Log sources that cannot be read, and log bans XDP has never matched (the logged address is
+/// not the packet source the node sees, e.g. a client behind a load balancer).
+fn log_warnings(logs: &LogsStatusJson) -> Vec<String> {
+    let mut out = Vec::new();
+    for src in &logs.sources {
+        for f in &src.files {
+            if let Some(e) = &f.error {
+                out.push(format!(
+                    "log source {}: {}: {e} (retried)",
+                    src.name, f.path
+                ));
+            }
+        }
+    }
+    if logs.bans_unmatched > 0 {
+        out.push(format!(
+            "{} of {} log bans never matched a packet: XDP cannot see those addresses as \
+             packet sources (a load balancer in front?), so it cannot enforce them",
+            logs.bans_unmatched, logs.bans
+        ));
+    }
+    out
 }

@@ -413,6 +413,8 @@ impl Backend for Agent {
     }
 
     fn status(&self) -> Result<StatusJson, ApiError> {
+        // Before the agent lock: logs_view takes it itself.
+        let logs = self.logs_view().map(|v| v.status_json());
         let g = self.lock();
         Ok(StatusJson {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -424,6 +426,7 @@ impl Backend for Agent {
                 entries: g.policy.len() as u64,
                 capacity: u64::from(self.cfg.max_bans),
             },
+            logs,
         })
     }
 
