@@ -311,33 +311,7 @@ pub fn wait_until(what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()
 
 /// Seconds since the Unix epoch of an RFC 3339 UTC time (`2030-01-02T03:04:05.5Z`).
 pub fn unix_secs(t: &str) -> Result<f64> {
-    let bad = || anyhow::anyhow!("not an RFC 3339 UTC time: {t:?}");
-    let t = t.strip_suffix('Z').ok_or_else(bad)?;
-    let (date, time) = t.split_once('T').ok_or_else(bad)?;
-    let d: Vec<i64> = date
-        .split('-')
-        .map(|p| p.parse().map_err(|_| bad()))
-        .collect::<Result<_>>()?;
-    let hms: Vec<f64> = time
-        .split(':')
-        .map(|p| p.parse().map_err(|_| bad()))
-        .collect::<Result<_>>()?;
-    ensure!(
-        d.len() == 3 && hms.len() == 3,
-        "not an RFC 3339 UTC time: {t:?}"
-    );
-    // Days from civil (proleptic Gregorian), after Howard Hinnant's well-known algorithm.
-    let (y, m) = if d[1] <= 2 {
-        (d[0] - 1, d[1] + 9)
-    } else {
-        (d[0], d[1] - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d[2] - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Ok(days as f64 * 86400.0 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2])
+    crate::lab::expect::rfc3339_secs(t)
 }
 
 /// A ban's TTL in seconds (`expires_at - created_at`), from the state file or the API.

@@ -197,26 +197,7 @@ pub fn set(names: &[&'static str]) -> BTreeSet<&'static str> {
 /// Seconds since the epoch of an RFC 3339 UTC time (`…Z`, optional fraction).
 pub fn rfc3339(v: &Value) -> Result<f64> {
     let s = v.as_str().with_context(|| format!("not a string: {v}"))?;
-    let t = s
-        .strip_suffix('Z')
-        .with_context(|| format!("not UTC: {s}"))?;
-    let (date, clock) = t.split_once('T').with_context(|| format!("no T: {s}"))?;
-    let d: Vec<i64> = date.split('-').map(str::parse).collect::<Result<_, _>>()?;
-    let (hms, frac) = clock.split_once('.').unwrap_or((clock, "0"));
-    let c: Vec<i64> = hms.split(':').map(str::parse).collect::<Result<_, _>>()?;
-    ensure!(d.len() == 3 && c.len() == 3, "not RFC 3339: {s}");
-    // Days from civil (proleptic Gregorian), as in Howard Hinnant's algorithm.
-    let (y, m) = if d[1] <= 2 {
-        (d[0] - 1, d[1] + 9)
-    } else {
-        (d[0], d[1] - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d[2] - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let frac: f64 = format!("0.{frac}").parse()?;
-    Ok((days * 86_400 + c[0] * 3600 + c[1] * 60 + c[2]) as f64 + frac)
+    wsguard_tests::lab::expect::rfc3339_secs(s)
 }
 
 pub fn expect(r: &Run, code: i32, needles: &[&str]) -> Result<()> {
