@@ -81,10 +81,26 @@ impl Nginx {
     /// Write the config under `dir/nginx`, start nginx in `ns` and wait until it answers.
     pub fn start(ns: &NetNs, dir: &Path, backend: SocketAddr, port: u16) -> Result<Self> {
         let prefix = dir.join("nginx");
+        let conf = config(&prefix, backend, port);
+        Self::launch(ns, dir, "nginx", prefix, &conf, port)
+    }
+
+    /// Write `conf` under `prefix`, run nginx on it in `ns` (as `name`), wait for `ready_port`.
+    fn launch(
+        ns: &NetNs,
+        dir: &Path,
+        name: &str,
+        prefix: PathBuf,
+        conf: &str,
+        ready_port: u16,
+    ) -> Result<Self> {
         fs::create_dir_all(prefix.join("tmp"))?;
-        let conf = prefix.join("nginx.conf");
-        fs::write(&conf, config(&prefix, backend, port))?;
-        let (conf_s, prefix_s) = (conf.display().to_string(), prefix.display().to_string());
+        let conf_path = prefix.join("nginx.conf");
+        fs::write(&conf_path, conf)?;
+        let (conf_s, prefix_s) = (
+            conf_path.display().to_string(),
+            prefix.display().to_string(),
+        );
         let err_log = prefix.join("error.log").display().to_string();
         // -e: the compiled-in error log (/var/log/nginx) is opened before the config is read.
         let args = [
@@ -97,9 +113,9 @@ impl Nginx {
             "-g",
             "daemon off;",
         ];
-        let proc = Proc::spawn(ns, "nginx", dir, Path::new(NGINX), &args)?;
+        let proc = Proc::spawn(ns, name, dir, Path::new(NGINX), &args)?;
         let mut nginx = Self { proc, prefix };
-        nginx.wait_ready(ns, port)?;
+        nginx.wait_ready(ns, ready_port)?;
         Ok(nginx)
     }
 
@@ -267,24 +283,7 @@ impl Nginx {
     /// A TLS nginx under `dir/nginx-tls` (next to the lab's plain one), started in `ns`.
     pub fn start_tls(ns: &NetNs, dir: &Path, backend: SocketAddr, site: &TlsSite) -> Result<Self> {
         let prefix = dir.join("nginx-tls");
-        fs::create_dir_all(prefix.join("tmp"))?;
-        let conf = prefix.join("nginx.conf");
-        fs::write(&conf, tls_config(&prefix, backend, site))?;
-        let (conf_s, prefix_s) = (conf.display().to_string(), prefix.display().to_string());
-        let err_log = prefix.join("error.log").display().to_string();
-        let args = [
-            "-p",
-            &prefix_s,
-            "-e",
-            &err_log,
-            "-c",
-            &conf_s,
-            "-g",
-            "daemon off;",
-        ];
-        let proc = Proc::spawn(ns, "nginx-tls", dir, Path::new(NGINX), &args)?;
-        let mut nginx = Self { proc, prefix };
-        nginx.wait_ready(ns, site.health_port)?;
-        Ok(nginx)
+        let conf = tls_config(&prefix, backend, site);
+        Self::launch(ns, dir, "nginx-tls", prefix, &conf, site.health_port)
     }
 }
