@@ -80,6 +80,47 @@ pub struct BansStatsJson {
     pub capacity: u64,
 }
 
+/// Each stats group as (JSON field name, value), in PRODUCT.md's order: what the CLI's table
+/// and the metrics endpoint both print.
+impl PacketsJson {
+    pub fn items(&self) -> [(&'static str, u64); 6] {
+        [
+            ("passed", self.passed),
+            ("dropped", self.dropped),
+            ("would_drop", self.would_drop),
+            ("allowlisted", self.allowlisted),
+            ("preserved", self.preserved),
+            ("unparsed", self.unparsed),
+        ]
+    }
+}
+
+impl HandshakesJson {
+    pub fn items(&self) -> [(&'static str, u64); 6] {
+        [
+            ("valid", self.valid),
+            ("bad", self.bad),
+            ("incomplete", self.incomplete),
+            ("tls", self.tls),
+            ("ignored", self.ignored),
+            ("upstream_errors", self.upstream_errors),
+        ]
+    }
+}
+
+impl BadReasonsJson {
+    pub fn items(&self) -> [(&'static str, u64); 6] {
+        [
+            ("no_upgrade", self.no_upgrade),
+            ("no_connection_upgrade", self.no_connection_upgrade),
+            ("no_key", self.no_key),
+            ("bad_version", self.bad_version),
+            ("bad_method", self.bad_method),
+            ("server_rejected", self.server_rejected),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsJson {
     pub packets: PacketsJson,

@@ -120,14 +120,7 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         "Packets seen by the XDP program, by action.",
         MetricType::Counter,
         "action",
-        &[
-            ("passed", p.passed),
-            ("dropped", p.dropped),
-            ("would_drop", p.would_drop),
-            ("allowlisted", p.allowlisted),
-            ("preserved", p.preserved),
-            ("unparsed", p.unparsed),
-        ],
+        &p.items(),
     )?;
     let h = &s.handshakes;
     family(
@@ -136,14 +129,17 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         "First requests of flows on watched ports, by verdict.",
         MetricType::Counter,
         "verdict",
-        &[
-            ("valid", h.valid),
-            ("bad", h.bad),
-            ("incomplete", h.incomplete),
-            ("tls", h.tls),
-            ("ignored", h.ignored),
-            ("upstream_error", h.upstream_errors),
-        ],
+        // The metric's label is singular where the JSON field is plural.
+        &h.items().map(|(k, v)| {
+            (
+                if k == "upstream_errors" {
+                    "upstream_error"
+                } else {
+                    k
+                },
+                v,
+            )
+        }),
     )?;
     let r = &s.bad_reasons;
     family(
@@ -152,14 +148,7 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         "Bad WebSocket handshakes, by reason.",
         MetricType::Counter,
         "reason",
-        &[
-            ("no_upgrade", r.no_upgrade),
-            ("no_connection_upgrade", r.no_connection_upgrade),
-            ("no_key", r.no_key),
-            ("bad_version", r.bad_version),
-            ("bad_method", r.bad_method),
-            ("server_rejected", r.server_rejected),
-        ],
+        &r.items(),
     )?;
     let by_source = |v: &[(crate::model::BanSource, u64)]| -> Vec<(&'static str, u64)> {
         v.iter().map(|(s, n)| (s.as_str(), *n)).collect()

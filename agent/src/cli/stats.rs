@@ -45,39 +45,9 @@ fn render(out: &mut Vec<u8>, s: &StatsJson, o: Output) -> Result<()> {
     }
     let (p, h, r, b) = (&s.packets, &s.handshakes, &s.bad_reasons, &s.bans);
     let groups: [(&str, Vec<(&str, u64)>); 4] = [
-        (
-            "packets",
-            vec![
-                ("passed", p.passed),
-                ("dropped", p.dropped),
-                ("would_drop", p.would_drop),
-                ("allowlisted", p.allowlisted),
-                ("preserved", p.preserved),
-                ("unparsed", p.unparsed),
-            ],
-        ),
-        (
-            "handshakes",
-            vec![
-                ("valid", h.valid),
-                ("bad", h.bad),
-                ("incomplete", h.incomplete),
-                ("tls", h.tls),
-                ("ignored", h.ignored),
-                ("upstream_errors", h.upstream_errors),
-            ],
-        ),
-        (
-            "bad_reasons",
-            vec![
-                ("no_upgrade", r.no_upgrade),
-                ("no_connection_upgrade", r.no_connection_upgrade),
-                ("no_key", r.no_key),
-                ("bad_version", r.bad_version),
-                ("bad_method", r.bad_method),
-                ("server_rejected", r.server_rejected),
-            ],
-        ),
+        ("packets", p.items().to_vec()),
+        ("handshakes", h.items().to_vec()),
+        ("bad_reasons", r.items().to_vec()),
         (
             "bans",
             vec![
