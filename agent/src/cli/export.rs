@@ -1,5 +1,6 @@
-//! `wsguard export`: every ban in a format `import` reads back. CSV keeps address, TTL left and
-//! reason; JSON (the `ban list` shape) also keeps mode and hard; lines keep addresses only.
+//! `wsguard export`: every ban in a format `import` reads back. JSON (the `ban list` shape, the
+//! default) keeps everything, so export then import is lossless; CSV keeps address, TTL left and
+//! reason; lines keep addresses only.
 
 use std::io::Write;
 
@@ -15,8 +16,8 @@ use super::{
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value = "csv")]
+    /// Output format (json, the default, is the lossless one).
+    #[arg(long, value_enum, default_value = "json")]
     pub format: Format,
 }
 

@@ -70,7 +70,7 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Write every ban in a format `wsguard import` reads back.
     #[command(
-        after_help = "Examples:\n  wsguard export > bans.csv\n  wsguard export --format json > bans.json"
+        after_help = "Examples:\n  wsguard export > bans.json\n  wsguard export --format csv > bans.csv"
     )]
     Export(export::ExportArgs),
     /// Show how the data plane classifies a raw HTTP request (the kernel's own classifier).
