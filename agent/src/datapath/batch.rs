@@ -69,6 +69,7 @@ impl DataPath {
         last.reverse();
         let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
         for (c, v) in last {
+            let v = self.allows.flagged(&c, &v);
             match (c.addr(), c.is_host()) {
                 (IpAddr::V4(a), true) => v4.push((c, a.octets(), v)),
                 (IpAddr::V6(a), true) => v6.push((c, a.octets(), v)),
@@ -122,6 +123,28 @@ impl DataPath {
                 DataPathError::Full {
                     capacity: self.max_bans,
                 },
+                WriteStats::default(),
+            ));
+        }
+
+        // The kernel must look the new hosts' buckets up before they are banned: one pass over
+        // the batch, one batched write of the words that change. A batch cut short leaves
+        // some buckets looked up for nothing (slower, never wrong) until the next open.
+        let mut dirty = Vec::new();
+        for (c, k, _) in &v4 {
+            if !old4.contains_key(k) {
+                self.prefilter.add(c, &mut dirty);
+            }
+        }
+        for (c, k, _) in &v6 {
+            if !old6.contains_key(k) {
+                self.prefilter.add(c, &mut dirty);
+            }
+        }
+        if let Err(e) = self.prefilter.write(&self.maps.ban_filter, &mut dirty) {
+            return Err(fail(
+                all_unwritten(&v4, &v6, &nets),
+                e,
                 WriteStats::default(),
             ));
         }

@@ -15,8 +15,10 @@ use crate::bpf::OBJECT;
 
 /// Maps shared across program generations, pinned under `maps/`. `SCRATCH` is left out on
 /// purpose: it is per-program working memory, and a fresh one per load means its layout can
-/// change freely between builds.
-pub const PINNED_MAPS: [&str; 12] = [
+/// change freely between builds. `BAN_FILTER` is pinned so that an adopted program and the agent
+/// writing bans share one pre-filter (an unpinned one per load would let the running program
+/// read a stale bitmap); a migration starts it empty and the open refills it.
+pub const PINNED_MAPS: [&str; 13] = [
     names::CONFIG,
     names::PORTS,
     names::COUNTERS,
@@ -29,6 +31,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     names::FLOWS,
     names::RATES,
     names::BURSTS,
+    names::BAN_FILTER,
 ];
 
 pub const BAN_MAPS: [&str; 4] = [

@@ -33,6 +33,7 @@ pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
     pub rates: HashMap<MapData, [u8; 16], RateValue>,
     pub bursts: RingBuf<MapData>,
+    pub ban_filter: Array<MapData, u64>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(
@@ -61,6 +62,7 @@ impl Maps {
             flows: typed(t, names::FLOWS)?,
             rates: typed(t, names::RATES)?,
             bursts: typed(t, names::BURSTS)?,
+            ban_filter: typed(t, names::BAN_FILTER)?,
         })
     }
 

@@ -30,12 +30,14 @@
 //! generation with another version is migrated), `WSGUARD_TEST_BUILD_ID=<hex>` makes it claim
 //! another build (forcing the atomic swap), `WSGUARD_TEST_TC_CLSACT=1` skips TCX.
 
+mod allowflag;
 mod attach;
 mod batch;
 mod loader;
 mod maps;
 mod open;
 mod pins;
+mod prefilter;
 mod sys;
 
 use std::{net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
@@ -114,6 +116,10 @@ pub struct DataPath {
     netlink_fallbacks: u64,
     /// Bursts read from an old generation's ring during a migration.
     pending: Vec<BurstEvent>,
+    /// The ban pre-filter as written to the kernel, with what each bucket is covered by.
+    prefilter: prefilter::Prefilter,
+    /// The allowlist, to decide each ban's `BAN_NOT_ALLOWLISTED` flag.
+    allows: allowflag::AllowIndex,
 }
 
 impl DataPath {
@@ -159,7 +165,12 @@ impl DataPath {
             (cfg.cidr_v4, cfg.cidr_v6) = (v4, v6);
             maps.write_config(&cfg)?;
         }
-        Ok(Self {
+        let allows = allowflag::AllowIndex::new(&maps.allows(1 << 16)?);
+        // Whatever the map holds (fresh zeros, a migration's empty one, an older agent's) is
+        // replaced by the bitmap of the bans now in the maps; nobody else writes bans.
+        let prefilter = prefilter::Prefilter::new(bans.iter().map(|(c, _)| c));
+        prefilter.write_all(&maps.ban_filter)?;
+        let mut dp = Self {
             maps,
             pins,
             max_bans: opts.max_bans,
@@ -167,7 +178,11 @@ impl DataPath {
             interfaces,
             netlink_fallbacks,
             pending,
-        })
+            prefilter,
+            allows,
+        };
+        dp.reconcile_flags(&bans)?;
+        Ok(dp)
     }
 
     /// The kill switch: detach every program and remove every pin under `pin_dir`. BPF links
@@ -208,7 +223,7 @@ impl DataPath {
                 capacity: self.max_bans,
             });
         }
-        let mut v = *value;
+        let mut v = self.allows.flagged(cidr, value);
         if let Some(old) = existing {
             // Drops the kernel counts between this read and the write are lost: a handful.
             v.drops = old.drops;
@@ -220,10 +235,20 @@ impl DataPath {
             self.maps
                 .adjust_cidr_count(cidr.is_v4(), |n| n.saturating_add(1))?;
         }
+        let mut dirty = Vec::new();
+        if existing.is_none() {
+            // The kernel must look this bucket up before the ban exists.
+            self.prefilter.add(cidr, &mut dirty);
+            self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
+        }
         if let Err(e) = self.maps.insert_ban(cidr, &v) {
             if counted {
                 self.maps
                     .adjust_cidr_count(cidr.is_v4(), |n| n.saturating_sub(1))?;
+            }
+            if existing.is_none() {
+                self.prefilter.remove(cidr, &mut dirty);
+                self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
             }
             return Err(maps::ban_err(&e, *cidr, self.max_bans));
         }
@@ -237,6 +262,10 @@ impl DataPath {
     pub fn del_ban(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
         if self.maps.remove_ban(cidr)? {
             self.ban_entries = self.ban_entries.saturating_sub(1);
+            // Only after the delete: the bucket is clean once no ban covers it.
+            let mut dirty = Vec::new();
+            self.prefilter.remove(cidr, &mut dirty);
+            self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
             if !cidr.is_host() {
                 // After the delete, for the same reason as in put_ban.
                 self.maps
@@ -246,9 +275,14 @@ impl DataPath {
         Ok(())
     }
 
-    /// Every ban entry in the maps (for adoption and reconciliation).
+    /// Every ban entry in the maps (for adoption and reconciliation), with the flags callers
+    /// set: `BAN_NOT_ALLOWLISTED` belongs to the data path, which sets it on every write.
     pub fn bans(&self) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
-        self.maps.bans(self.max_bans as usize + 1)
+        let mut bans = self.maps.bans(self.max_bans as usize + 1)?;
+        for (_, v) in &mut bans {
+            v.flags &= !wsguard_common::maps::BAN_NOT_ALLOWLISTED;
+        }
+        Ok(bans)
     }
 
     /// The drop counter of each of `cidrs` (0 where absent), one lookup each: a page of a
@@ -265,12 +299,33 @@ impl DataPath {
         self.ban_entries
     }
 
+    /// Add an allowlist entry, then clear `BAN_NOT_ALLOWLISTED` on every ban it overlaps (in
+    /// that order: the kernel must never skip the lookup of an entry that exists).
     pub fn put_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
-        self.maps.put_allow(cidr)
+        self.maps.put_allow(cidr)?;
+        self.allows.add(cidr);
+        self.unflag_overlapping(cidr)
     }
 
+    /// Remove an allowlist entry. Bans it unflagged stay unflagged (only slower) until the
+    /// next open recomputes every flag.
     pub fn del_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
-        self.maps.del_allow(cidr)
+        self.maps.del_allow(cidr)?;
+        self.allows.remove(cidr);
+        Ok(())
+    }
+
+    /// Whether the pre-filter bit of `ip`'s bucket is set in the agent's copy (the kernel's
+    /// map holds the same once a write returned).
+    pub fn prefilter_clean(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self
+                .prefilter
+                .is_clean(wsguard_common::filter::v4_bit(a.octets()), false),
+            IpAddr::V6(a) => self
+                .prefilter
+                .is_clean(wsguard_common::filter::v6_bit(&a.octets()), true),
+        }
     }
 
     pub fn allows(&self) -> Result<Vec<Cidr>, DataPathError> {
