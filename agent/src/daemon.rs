@@ -37,6 +37,10 @@ use shared::Agent;
 
 /// Shortest gap between two state writes: bursts of changes coalesce into one write.
 const SAVE_DEBOUNCE: Duration = Duration::from_millis(200);
+/// The gap after a write is this many times as long as the write took: the file is rewritten
+/// in full, so with a million bans (a quarter gigabyte) back-to-back writes would cost an
+/// import one full write per request; this keeps writing to at most a fifth of the time.
+const SAVE_BACKOFF: u32 = 4;
 /// Log events in flight between the source threads and the policy; when full the sources
 /// wait (a log line is never dropped for lack of room).
 const LOG_EVENTS: usize = 1024;
@@ -124,7 +128,11 @@ async fn serve(agent: Arc<Agent>, logs: Option<Logs>) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
-        _ = agent.exit.notified() => {}
+        _ = agent.exit.notified() => {
+            // `wsguard detach` asked for this from an API request whose answer is still being
+            // written: aborting the server now would leave the CLI with a dropped connection.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
     }
     // Before the consumer goes: the sources save offsets only past events it took.
     let a = agent.clone();
@@ -208,7 +216,7 @@ async fn log_events(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver<LogEv
 }
 
 fn shutdown(agent: &Agent) -> anyhow::Result<()> {
-    let saved = agent.save_state();
+    let saved = agent.save_state_at_exit();
     if let Err(e) = &saved {
         error!("cannot write the state file on exit: {e}");
     }
@@ -282,16 +290,26 @@ async fn sweeper(agent: Arc<Agent>) {
     }
 }
 
-/// Writes the state file after changes, at most every `SAVE_DEBOUNCE`.
+/// Writes the state file after changes, at most every `SAVE_DEBOUNCE` and never sooner than
+/// `SAVE_BACKOFF` times the last write's duration after it. A change during a write or a wait
+/// leaves a permit in `dirty`, so the last change is always written (and the exit path writes
+/// whatever is still unsaved).
 async fn saver(agent: Arc<Agent>) {
+    let mut gap = SAVE_DEBOUNCE;
     loop {
         agent.dirty.notified().await;
-        tokio::time::sleep(SAVE_DEBOUNCE).await;
+        tokio::time::sleep(gap).await;
+        // The permit may be from a change the last write already held.
+        if !agent.unsaved() {
+            continue;
+        }
         let a = agent.clone();
+        let t = tokio::time::Instant::now();
         match tokio::task::spawn_blocking(move || a.save_state()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("cannot write the state file: {e}"),
             Err(e) => error!("state writer: {e}"),
         }
+        gap = SAVE_DEBOUNCE.max(t.elapsed() * SAVE_BACKOFF);
     }
 }

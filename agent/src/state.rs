@@ -53,6 +53,9 @@ pub enum StateError {
         path: PathBuf,
         err: io::Error,
     },
+    /// The write was given up for a newer one; the old file is untouched.
+    #[error("{ABANDONED}")]
+    Abandoned,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {
@@ -106,28 +109,13 @@ fn decode(bytes: &[u8]) -> Result<State, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("corrupt state file: {e}"))
 }
 
-/// Write `state` atomically. A slow write (a million bans, a slow disk) is logged with its
-/// size and duration, since the file is rewritten in full after every batch of changes.
-pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
-    let t = std::time::Instant::now();
-    save_atomically(dir, state)?;
-    let took = t.elapsed();
-    if took >= std::time::Duration::from_secs(1) {
-        let bytes = fs::metadata(path(dir)).map_or(0, |m| m.len());
-        tracing::info!(
-            bans = state.bans.len(),
-            bytes,
-            ms = took.as_millis() as u64,
-            "slow state file write"
-        );
-    }
-    Ok(())
-}
-
-fn save_atomically(dir: &Path, state: &State) -> Result<(), StateError> {
+/// Write `state` atomically. `abandon` is asked as the file is written: when it says yes the
+/// write stops, the temp file goes and the old file stays ([`StateError::Abandoned`]), so a
+/// stale write of a quarter-gigabyte file does not hold up the one that replaces it.
+pub fn save(dir: &Path, state: &State, abandon: &dyn Fn() -> bool) -> Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
     let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
-    let r = write_synced(&tmp, state);
+    let r = write_synced(&tmp, state, abandon);
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -140,17 +128,43 @@ fn save_atomically(dir: &Path, state: &State) -> Result<(), StateError> {
         .map_err(io_err("cannot fsync", dir))
 }
 
-fn write_synced(tmp: &Path, state: &State) -> Result<(), StateError> {
+/// A file that fails its writes once `abandon` says so.
+struct Abandonable<'a> {
+    f: fs::File,
+    abandon: &'a dyn Fn() -> bool,
+}
+
+impl io::Write for Abandonable<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if (self.abandon)() {
+            // Not `Interrupted`: `write_all` retries those forever.
+            return Err(io::Error::other(ABANDONED));
+        }
+        self.f.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.f.flush()
+    }
+}
+
+const ABANDONED: &str = "state write abandoned";
+
+fn write_synced(tmp: &Path, state: &State, abandon: &dyn Fn() -> bool) -> Result<(), StateError> {
     let f = fs::File::create(tmp).map_err(io_err("cannot create", tmp))?;
-    // Large buffer: a 1M-ban file is a quarter gigabyte.
-    let mut w = io::BufWriter::with_capacity(1 << 20, f);
-    serde_json::to_writer(&mut w, state)
+    // Large buffer: a 1M-ban file is a quarter gigabyte (and `abandon` is asked per buffer).
+    let mut w = io::BufWriter::with_capacity(1 << 20, Abandonable { f, abandon });
+    let r = serde_json::to_writer(&mut w, state)
         .map_err(io::Error::other)
-        .and_then(|()| w.flush())
-        .map_err(io_err("cannot write", tmp))?;
+        .and_then(|()| w.flush());
+    if abandon() {
+        return Err(StateError::Abandoned);
+    }
+    r.map_err(io_err("cannot write", tmp))?;
     let f = w
         .into_inner()
-        .map_err(|e| io_err("cannot write", tmp)(e.into_error()))?;
+        .map_err(|e| io_err("cannot write", tmp)(e.into_error()))?
+        .f;
     f.sync_all().map_err(io_err("cannot fsync", tmp))
 }
 
@@ -221,7 +235,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let d = tempfile::tempdir().unwrap();
-        save(d.path(), &sample()).unwrap();
+        save(d.path(), &sample(), &|| false).unwrap();
         match load(d.path(), 1).unwrap() {
             Loaded::Found(s) => assert_eq!(s, sample()),
             other => panic!("{other:?}"),
@@ -245,16 +259,32 @@ mod tests {
                 version: VERSION,
                 ..Default::default()
             },
+            &|| false,
         )
         .unwrap();
-        save(d.path(), &sample()).unwrap();
+        save(d.path(), &sample(), &|| false).unwrap();
+        assert_eq!(names(d.path()), vec!["state.json"]);
+    }
+
+    #[test]
+    fn abandoned_write_keeps_the_old_file_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        save(d.path(), &sample(), &|| false).unwrap();
+        let before = fs::read(path(d.path())).unwrap();
+        let empty = State {
+            version: VERSION,
+            ..Default::default()
+        };
+        let r = save(d.path(), &empty, &|| true);
+        assert!(matches!(r, Err(StateError::Abandoned)), "{r:?}");
+        assert_eq!(fs::read(path(d.path())).unwrap(), before);
         assert_eq!(names(d.path()), vec!["state.json"]);
     }
 
     #[test]
     fn stale_temp_from_a_crash_is_removed_on_load() {
         let d = tempfile::tempdir().unwrap();
-        save(d.path(), &sample()).unwrap();
+        save(d.path(), &sample(), &|| false).unwrap();
         fs::write(
             d.path().join(".state.json.tmp-4242"),
             b"{\"version\":1,\"ba",

@@ -153,6 +153,27 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.kill9();
+        // For measuring by hand (scale runs): the agent's own timing lines, before the
+        // temp directory holding its log goes.
+        if std::env::var_os("WSGUARD_TEST_AGENT_TIMINGS").is_some() {
+            for l in self.log_text().lines() {
+                // Text logs colour field names; drop the escapes.
+                let plain = l
+                    .split('\x1b')
+                    .enumerate()
+                    .fold(String::new(), |mut acc, (i, p)| {
+                        acc.push_str(if i == 0 {
+                            p
+                        } else {
+                            p.split_once('m').map_or("", |x| x.1)
+                        });
+                        acc
+                    });
+                if plain.contains("ms=") {
+                    eprintln!("[agent] {plain}");
+                }
+            }
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     duration,
     logs::LogsHandle,
     model::{Ban, BanSource},
-    policy::{Applied, BanRequest, Change, Policy, Refusal, RefuseReason, Ttl},
+    policy::{Applied, BanRequest, Change, Offense, Policy, Refusal, RefuseReason, Ttl},
     state::{self, State},
 };
 
@@ -35,9 +35,15 @@ pub struct Agent {
     /// `wsguard detach` ran: the agent exits.
     pub exit: tokio::sync::Notify,
     pub detached: AtomicBool,
-    /// Snapshots taken so far, and the number of the last one written.
+    /// Calls to `mark_dirty` so far: a snapshot records how many it covers.
+    changes: AtomicU64,
+    /// Snapshots taken so far; a write of a snapshot numbered below `abandon_below` stops
+    /// part way (the exit path does not wait for a stale write to finish).
     snapshots: AtomicU64,
-    written: Mutex<u64>,
+    abandon_below: AtomicU64,
+    /// The last snapshot written: its number and the changes it covers. Held for the whole
+    /// write, so writes happen one at a time.
+    written: Mutex<Written>,
     /// The running log sources (`[logs]`), once started.
     pub(super) logs: Mutex<Option<LogsHandle>>,
 }
@@ -70,8 +76,10 @@ impl Agent {
             dirty: tokio::sync::Notify::new(),
             exit: tokio::sync::Notify::new(),
             detached: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
-            written: Mutex::new(0),
+            abandon_below: AtomicU64::new(0),
+            written: Mutex::new(Written::default()),
             logs: Mutex::new(None),
         }
     }
@@ -89,7 +97,10 @@ impl Agent {
         self.ready.load(Ordering::SeqCst)
     }
 
+    /// Call after the change is made (and the lock released): a snapshot taken under the lock
+    /// then never claims a change it does not hold.
     pub fn mark_dirty(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         self.dirty.notify_one();
     }
 
@@ -178,28 +189,73 @@ impl Agent {
     }
 
     /// Write the current state. Snapshots are numbered under the agent lock and written one at
-    /// a time, and a write never replaces a newer snapshot: the debounced writer and the exit
-    /// path can race (an aborted writer's blocking half keeps running).
+    /// a time, and a write never replaces a newer snapshot: the writer task and the exit path
+    /// can race (an aborted writer's blocking half keeps running).
     pub fn save_state(&self) -> Result<(), state::StateError> {
-        let (n, snap) = {
+        let t = Instant::now();
+        let (n, changes, snap) = {
             let g = self.lock();
             (
                 self.snapshots.fetch_add(1, Ordering::SeqCst) + 1,
+                self.changes.load(Ordering::SeqCst),
                 Self::snapshot_of(&g),
             )
         };
+        let snap_ms = t.elapsed().as_millis() as u64;
+        let (mut snap, offenses) = snap;
+        snap.offenses = offenses.into_iter().collect();
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        if *written > n {
+        if written.snapshot > n {
             return Ok(());
         }
-        state::save(&self.cfg.state_dir, &snap)?;
-        *written = n;
+        let abandon = || self.abandon_below.load(Ordering::SeqCst) > n;
+        match state::save(&self.cfg.state_dir, &snap, &abandon) {
+            Ok(()) => {}
+            Err(state::StateError::Abandoned) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        *written = Written {
+            snapshot: n,
+            changes,
+        };
+        drop(written);
+        if t.elapsed() >= std::time::Duration::from_secs(1) {
+            info!(
+                bans = snap.bans.len(),
+                snapshot_ms = snap_ms,
+                ms = t.elapsed().as_millis() as u64,
+                "slow state save"
+            );
+        }
         Ok(())
     }
 
-    fn snapshot_of(g: &Inner) -> State {
+    /// Some change is not in the file yet (nor in a write that has finished).
+    pub fn unsaved(&self) -> bool {
+        let w = *self.written.lock().unwrap_or_else(|p| p.into_inner());
+        w.changes < self.changes.load(Ordering::SeqCst)
+    }
+
+    /// The exit path's save: nothing to do when the file already holds every change; else a
+    /// write of an older snapshot still running is abandoned (it would be replaced anyway)
+    /// and the current state is written once.
+    pub fn save_state_at_exit(&self) -> Result<(), state::StateError> {
+        let want = self.changes.load(Ordering::SeqCst);
+        let covered = |w: &Written| w.changes >= want;
+        if covered(&self.written.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        self.abandon_below
+            .store(self.snapshots.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+        self.save_state()
+    }
+
+    /// What the state file needs, copied under the lock. The offence history is copied as a
+    /// plain list and sorted into the file's map after the lock is released (a million tree
+    /// inserts under the lock would stall every API call and ban).
+    fn snapshot_of(g: &Inner) -> (State, Vec<(Cidr, Offense)>) {
         let p = &g.policy;
-        State {
+        let state = State {
             version: state::VERSION,
             bans: p.bans().cloned().collect(),
             allow: p
@@ -207,9 +263,16 @@ impl Agent {
                 .filter(|e| e.source == crate::model::AllowSource::Manual)
                 .cloned()
                 .collect(),
-            offenses: p.offenses().iter().map(|(c, o)| (*c, *o)).collect(),
-        }
+            offenses: Default::default(),
+        };
+        (state, p.offenses().iter().map(|(c, o)| (*c, *o)).collect())
     }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Written {
+    snapshot: u64,
+    changes: u64,
 }
 
 impl Inner {

@@ -21,6 +21,7 @@ use std::{collections::BTreeSet, path::Path};
 
 use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
+use wsguard_common::maps::BanValue;
 
 use super::{
     kernel::{self, Clocks},
@@ -76,7 +77,13 @@ fn mark_restoring(dir: &Path) -> std::io::Result<()> {
 }
 
 pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
+    let t = std::time::Instant::now();
     let saved = load_state(&cfg.state_dir);
+    info!(
+        bans = saved.as_ref().map_or(0, |s| s.bans.len()),
+        ms = t.elapsed().as_millis() as u64,
+        "state file read"
+    );
     let marker = cfg.state_dir.join(paths::RESTORE_MARKER);
     let interrupted = marker.exists();
     if interrupted {
@@ -144,6 +151,7 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
         .context("cannot read the allowlist maps")?
         .into_iter()
         .collect();
+    info!(ms = t.elapsed().as_millis() as u64, "data path open");
     let mut inner = Inner::new(policy, dp, kernel_allow);
     inner.sync_allow();
     reconcile_bans(&mut inner, saved.bans, !restoring)?;
@@ -159,10 +167,12 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
 /// `maps_are_truth`: a saved ban missing from the maps was removed since the state write (and
 /// stays removed); otherwise it is written back.
 fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, maps_are_truth: bool) -> anyhow::Result<()> {
+    let c_started = std::time::Instant::now();
     let c = Clocks::now();
     let mut saved: std::collections::HashMap<Cidr, Ban> =
         saved.into_iter().map(|b| (b.cidr, b)).collect();
     let live = inner.dp.bans().context("cannot read the ban maps")?;
+    let read_ms = c_started.elapsed().as_millis() as u64;
     let (mut adopted, mut expired, mut restored, mut dropped) = (0, 0u64, 0, 0);
     for (cidr, v) in live {
         if v.is_expired(c.boot_ns) {
@@ -190,26 +200,22 @@ fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, maps_are_truth: bool) -> a
             let _ = inner.dp.del_ban(&cidr);
         }
     }
+    let mut batch = Vec::new();
     for (cidr, ban) in saved {
         if ban.is_expired(c.wall) {
             expired += 1;
         } else if maps_are_truth {
             dropped += 1;
         } else {
-            match inner.policy.restore(ban.clone()) {
-                Ok(()) => match inner.dp.put_ban(&cidr, &kernel::ban_value(&ban, &c)) {
-                    Ok(()) => {
-                        restored += 1;
-                        super::shared::after_ban_write();
-                    }
-                    Err(e) => {
-                        inner.policy.unban(&cidr);
-                        error!(addr = %cidr, "cannot restore ban: {e}");
-                    }
-                },
+            let v = kernel::ban_value(&ban, &c);
+            match inner.policy.restore(ban) {
+                Ok(()) => batch.push((cidr, v)),
                 Err(r) => warn!("not restoring saved ban: {r}"),
             }
         }
+    }
+    for chunk in batch.chunks(RESTORE_CHUNK) {
+        restored += restore_chunk(inner, chunk);
     }
     inner.policy.count_expired(expired);
     info!(
@@ -218,7 +224,44 @@ fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, maps_are_truth: bool) -> a
         restored,
         expired,
         dropped_stale = dropped,
+        read_maps_ms = read_ms,
+        ms = c_started.elapsed().as_millis() as u64,
         "bans reconciled"
     );
     Ok(())
+}
+
+/// Saved bans written back per `put_bans` call: the write is batched either way; the chunk
+/// only bounds what a refusal (cap) sends down the one-by-one path.
+const RESTORE_CHUNK: usize = 65_536;
+
+/// Write back saved bans already in the policy, batched; returns how many reached the kernel.
+/// A chunk over the cap is refused whole by `put_bans`, so it goes one by one and fills what
+/// room there is; a ban the kernel does not take leaves the policy too.
+fn restore_chunk(inner: &mut Inner, chunk: &[(Cidr, BanValue)]) -> u64 {
+    let err = match inner.dp.put_bans(chunk) {
+        Ok(_) => return chunk.len() as u64,
+        Err(e) => e,
+    };
+    if matches!(err.err, DataPathError::Full { .. }) && err.unwritten.len() == chunk.len() {
+        let mut n = 0;
+        for (cidr, v) in chunk {
+            match inner.dp.put_ban(cidr, v) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    inner.policy.unban(cidr);
+                    error!(addr = %cidr, "cannot restore ban: {e}");
+                }
+            }
+        }
+        return n;
+    }
+    error!(
+        unwritten = err.unwritten.len(),
+        "cannot restore saved bans: {}", err.err
+    );
+    for cidr in &err.unwritten {
+        inner.policy.unban(cidr);
+    }
+    (chunk.len() - err.unwritten.len()) as u64
 }
