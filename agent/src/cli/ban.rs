@@ -217,28 +217,32 @@ pub fn for_each_page(
     }
 }
 
+/// Every ban (of `source`) as one JSON array in the `ban list` shape, page by page. Nothing is
+/// written before the first page arrived: a failure prints no stray `[`.
+pub fn json_pages(c: &Client, source: Option<BanSource>, out: &mut impl Write) -> Result<()> {
+    let mut arr = None;
+    for_each_page(c, source, |page| {
+        let arr = match &mut arr {
+            Some(a) => a,
+            None => arr.insert(JsonArray::start(out)?),
+        };
+        for b in page {
+            arr.push(out, b)?;
+        }
+        Ok(())
+    })?;
+    if let Some(arr) = arr {
+        arr.end(out)?;
+    }
+    Ok(())
+}
+
 fn list(a: ListArgs, g: &Global) -> Result<()> {
     let c = Client::new(&g.socket);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match g.output {
-        Output::Json => {
-            // Nothing is written before the first page arrived: a failure prints no stray `[`.
-            let mut arr = None;
-            for_each_page(&c, a.source, |page| {
-                let arr = match &mut arr {
-                    Some(a) => a,
-                    None => arr.insert(JsonArray::start(&mut out)?),
-                };
-                for b in page {
-                    arr.push(&mut out, b)?;
-                }
-                Ok(())
-            })?;
-            if let Some(arr) = arr {
-                arr.end(&mut out)?;
-            }
-        }
+        Output::Json => json_pages(&c, a.source, &mut out)?,
         o => {
             let wide = o == Output::Wide;
             let (headers, right): (&[&str], &[usize]) = if wide {

@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 
 use super::{
     Client, Global, Result,
-    ban::for_each_page,
+    ban::{for_each_page, json_pages},
     import::{Format, csv_quote},
-    output::{JsonArray, cidr_text, secs_left},
+    output::{cidr_text, secs_left},
 };
 
 #[derive(Debug, Args)]
@@ -26,23 +26,7 @@ pub fn run(a: ExportArgs, g: &Global) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match a.format {
-        Format::Json => {
-            // Nothing is written before the first page arrived: a failure leaves no stray `[`.
-            let mut arr = None;
-            for_each_page(&c, None, |page| {
-                let arr = match &mut arr {
-                    Some(a) => a,
-                    None => arr.insert(JsonArray::start(&mut out)?),
-                };
-                for b in page {
-                    arr.push(&mut out, b)?;
-                }
-                Ok(())
-            })?;
-            if let Some(arr) = arr {
-                arr.end(&mut out)?;
-            }
-        }
+        Format::Json => json_pages(&c, None, &mut out)?,
         Format::Csv => {
             let mut header = true;
             for_each_page(&c, None, |page| {
