@@ -206,7 +206,7 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
     single(
         enc,
         "wsguard_xdp_netlink_fallback",
-        "Interfaces whose XDP attachment fell back to netlink (not pinnable: a restart re-attaches).",
+        "Interfaces whose XDP runs through a netlink attachment (no pinnable link; restarts adopt or swap it through netlink).",
         MetricType::Gauge,
         m.netlink_fallbacks,
     )?;

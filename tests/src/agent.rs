@@ -57,19 +57,31 @@ impl Agent {
 
     /// Like `start`, with extra environment (the `WSGUARD_TEST_*` hooks).
     pub fn start_env(ns: &NetNs, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(ns, log, args, env, |_| {})
+    }
+
+    /// Like `start_env`, with `setup` applied to the command before it is spawned, e.g.
+    /// [`crate::seccomp::without_bpf_links`] to make the kernel answer like an older one.
+    pub fn start_with(
+        ns: &NetNs,
+        log: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let bin = wsguard_bin()?;
         let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", ns.name()))
             .arg(&bin)
             .arg("agent")
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("spawn nsenter wsguard agent")?;
+            .stderr(out);
+        setup(&mut cmd);
+        let child = cmd.spawn().context("spawn nsenter wsguard agent")?;
         Ok(Self {
             child: Some(child),
             log: log.to_owned(),

@@ -126,6 +126,23 @@ impl DataPlane {
         Ok(())
     }
 
+    /// Remove the exact ban of `addr`.
+    pub fn unban(&mut self, addr: &str) -> Result<()> {
+        match addr.parse::<IpAddr>()? {
+            IpAddr::V4(v4) => {
+                let mut m: HashMap<_, [u8; 4], BanValue> =
+                    HashMap::try_from(self.map(names::BANS_V4)?)?;
+                m.remove(&v4.octets())?;
+            }
+            IpAddr::V6(v6) => {
+                let mut m: HashMap<_, [u8; 16], BanValue> =
+                    HashMap::try_from(self.map(names::BANS_V6)?)?;
+                m.remove(&v6.octets())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Mark every bucket of the ban pre-filter (`wsguard_common::filter`) of one family
     /// "proven clean". Call it before banning: [`DataPlane::ban`] then clears the buckets each
     /// new ban covers, as the agent must.

@@ -3,7 +3,7 @@
 //! headers. Every case asserts the full set of counters it moved, not only the verdict.
 
 use wsguard_common::maps::{
-    BAN_HARD, BAN_OBSERVE, BanValue, CFG_OBSERVE, Counter, FLOW_ESTABLISHED,
+    BAN_HARD, BAN_MAY_PRESERVE, BAN_OBSERVE, BanValue, CFG_OBSERVE, Counter, FLOW_ESTABLISHED,
 };
 use wsguard_tests::{
     dataplane::{DataPlane, Delta, TC_ACT_OK, XDP_DROP, XDP_PASS, boot_ns, flow_key},
@@ -332,7 +332,12 @@ fn flows_established_before_a_ban_are_preserved() {
         dp.xdp(&to_port(src, 41001).payload(&ws_request("/chat")).build())
             .unwrap();
         // The ban is created after the flows: its created_ns is later than their first sight.
-        dp.ban(src, full_prefix(src), permanent()).unwrap();
+        // The writer saw flows of the source, so it lets the data plane look them up.
+        let ban = BanValue {
+            flags: BAN_MAY_PRESERVE,
+            ..permanent()
+        };
+        dp.ban(src, full_prefix(src), ban).unwrap();
 
         let data = to_port(src, 41000).payload(WS_FRAME).build();
         assert_eq!(
@@ -407,7 +412,11 @@ fn tls_flows_with_payload_both_ways_are_preserved() {
         0x16, 0x03, 0x03, 0x00, 0x0a, 0x02, 0, 0, 6, 3, 3, 1, 2, 3, 4,
     ];
     establish(&mut dp, src, 42000, &client_hello, &server_hello);
-    dp.ban(src, 32, permanent()).unwrap();
+    let ban = BanValue {
+        flags: BAN_MAY_PRESERVE,
+        ..permanent()
+    };
+    dp.ban(src, 32, ban).unwrap();
     let app_data = to_port(src, 42000)
         .payload(&[0x17, 0x03, 0x03, 0x00, 0x01, 0xaa])
         .build();

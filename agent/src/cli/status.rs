@@ -78,8 +78,9 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
     for i in &s.interfaces {
         if i.xdp_mode.starts_with("netlink") {
             warnings.push(format!(
-                "{}: XDP fell back to a netlink attachment ({}); it cannot be pinned, so an agent \
-                 restart re-attaches instead of adopting it",
+                "{}: XDP fell back to a netlink attachment ({}): this kernel has no XDP links \
+                 (Linux 5.9+), so nothing is pinned; restarts find the program through netlink \
+                 and swap it atomically only on Linux 5.7+",
                 i.name, i.xdp_mode
             ));
         }

@@ -23,6 +23,9 @@ use super::{
     sys,
 };
 
+pub(super) mod netlink;
+mod rtnl;
+
 fn other(msg: String) -> DataPathError {
     DataPathError::Other(msg)
 }
@@ -134,21 +137,14 @@ pub fn xdp(
                 changed: true,
             });
         }
-        if let Some(mode) =
-            pins::read_record(&pin).and_then(|t| t.strip_prefix("netlink:").map(str::to_owned))
+        if let Some(text) =
+            pins::read_record(&pin).filter(|t| t.starts_with(netlink::RECORD_PREFIX))
         {
-            if !replace {
-                // A netlink attachment has no link to ask for its program, and reading it back
-                // takes a netlink dump this crate does not do: the id is reported as unknown (0).
-                return Ok(XdpAttach {
-                    mode: format!("netlink-{mode}"),
-                    prog_id: 0,
-                    changed: false,
-                });
+            let mode = netlink::record_mode(&text)
+                .ok_or_else(|| other(format!("{}: unknown record {text:?}", pin.display())))?;
+            if let Some(x) = netlink::existing(prog, pinned, iface, ifindex, &pin, mode, replace)? {
+                return Ok(x);
             }
-            return Err(other(format!(
-                "XDP on {iface} is attached through netlink, which cannot be replaced atomically: run `wsguard detach`, then start the agent again"
-            )));
         }
     }
     let modes: &[AyaXdpMode] = match want {
@@ -157,7 +153,13 @@ pub fn xdp(
         XdpMode::Generic => &[AyaXdpMode::Skb],
     };
     let mut errors = Vec::new();
+    let intent = pinned.map(|p| p.dir.xdp_link(iface));
     for &mode in modes {
+        if let Some(path) = &intent {
+            // aya may fall back to netlink, which leaves nothing to pin: record the intent
+            // first, so a crash right after the attach still leaves a record to follow.
+            netlink::write_intent(path, netlink_mode(mode))?;
+        }
         let id = match prog.attach_to_if_index(ifindex, mode) {
             Ok(id) => id,
             Err(e) => {
@@ -181,7 +183,12 @@ pub fn xdp(
                 // The mode record first: a pinned link must always have one.
                 pins::write_record(&pins.xdp_mode(iface), mode_name(mode))
                     .map_err(|e| other(format!("record the XDP mode: {e}")))?;
-                fd.pin(pins.xdp_link(iface))
+                // The intent record makes way for the link (a crash in between closes the
+                // link's only descriptor: nothing stays attached).
+                let path = pins.xdp_link(iface);
+                fs::remove_file(&path)
+                    .map_err(|e| other(format!("remove {}: {e}", path.display())))?;
+                fd.pin(&path)
                     .map_err(|e| other(format!("pin the XDP link of {iface}: {e}")))?;
                 Ok(XdpAttach {
                     mode: mode_name(mode).into(),
@@ -191,13 +198,9 @@ pub fn xdp(
             }
             Err(_) => {
                 // aya fell back to netlink (no XDP links in this kernel). The conversion
-                // dropped aya's netlink handle without detaching; the attachment stays.
+                // dropped aya's netlink handle without detaching; the attachment stays, and the
+                // intent record written above now records it.
                 let name = format!("netlink-{}", mode_name(mode));
-                pins::write_record(
-                    &pins.xdp_link(iface),
-                    &format!("netlink:{}", mode_name(mode)),
-                )
-                .map_err(|e| other(format!("record the netlink attachment: {e}")))?;
                 Ok(XdpAttach {
                     mode: name,
                     prog_id: loaded_id(prog.info()),
@@ -206,10 +209,21 @@ pub fn xdp(
             }
         };
     }
+    if let Some(path) = &intent {
+        let _ = fs::remove_file(path);
+    }
     Err(other(format!(
         "attach XDP to {iface}: {}",
         errors.join("; ")
     )))
+}
+
+fn netlink_mode(mode: AyaXdpMode) -> netlink::Mode {
+    if mode == AyaXdpMode::Driver {
+        netlink::Mode::Native
+    } else {
+        netlink::Mode::Generic
+    }
 }
 
 /// Returns `tcx` or `clsact`.
@@ -322,10 +336,12 @@ pub fn pinned_xdp_is_ours(
     };
     let prog: &mut Xdp = program(ebpf, programs::XDP)?;
     let ours = loaded_id(prog.info());
-    Ok(
-        live_pin(&pinned.dir.xdp_link(iface), sys::LINK_TYPE_XDP, ifindex)
-            .map(|info| pinned.runs_on_our_maps(info.prog_id, ours)),
-    )
+    let pin = pinned.dir.xdp_link(iface);
+    if let Some(mode) = pins::read_record(&pin).and_then(|t| netlink::record_mode(&t)) {
+        return Ok(netlink::attached_is_ours(pinned, ifindex, mode, ours));
+    }
+    Ok(live_pin(&pin, sys::LINK_TYPE_XDP, ifindex)
+        .map(|info| pinned.runs_on_our_maps(info.prog_id, ours)))
 }
 
 /// Interfaces with pinned links that were not asked for this time.

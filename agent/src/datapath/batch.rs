@@ -68,8 +68,19 @@ impl DataPath {
             .collect();
         last.reverse();
         let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
+        let flows = match super::preserve::FlowClients::read(&self.maps) {
+            Ok(f) => f,
+            Err(err) => {
+                let unwritten = last.iter().map(|(c, _)| *c).collect();
+                return Err(PutBansError {
+                    unwritten,
+                    err,
+                    stats: WriteStats::default(),
+                });
+            }
+        };
         for (c, v) in last {
-            let v = self.allows.flagged(&c, &v);
+            let v = flows.flagged(&c, &self.allows.flagged(&c, &v));
             match (c.addr(), c.is_host()) {
                 (IpAddr::V4(a), true) => v4.push((c, a.octets(), v)),
                 (IpAddr::V6(a), true) => v6.push((c, a.octets(), v)),

@@ -5,11 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd as _;
 
 use aya::maps::{
-    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
-    RingBuf, lpm_trie::Key,
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
+    lpm_trie::Key,
 };
 use wsguard_common::maps::{
-    BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, FlowValue, RateValue, names,
+    BanValue, BurstEvent, CFG_GENERATION_ONE, COUNTERS_LEN, Config, FlowKey, FlowValue, RateValue,
+    names,
 };
 
 use super::{DataPathError, sys};
@@ -74,6 +75,14 @@ impl Maps {
         self.config.set(0, cfg, 0).map_err(err("write CONFIG"))
     }
 
+    /// Make every CPU drop the verdict it holds for a hot banned source at its next packet
+    /// (`CFG_GENERATION`): after a ban is removed or an allowlist entry added.
+    pub fn bump_generation(&mut self) -> Result<(), DataPathError> {
+        let mut cfg = self.config()?;
+        cfg.flags = cfg.flags.wrapping_add(CFG_GENERATION_ONE);
+        self.write_config(&cfg)
+    }
+
     /// Apply `f` to the CIDR counts in CONFIG (read-modify-write; the agent is the only writer).
     pub fn adjust_cidr_count(
         &mut self,
@@ -130,9 +139,13 @@ impl Maps {
                 .cidrs_v6
                 .remove(&Key::new(cidr.prefix_len().into(), a.octets())),
         };
-        optional(r)
+        let removed = optional(r)
             .map(|o| o.is_some())
-            .map_err(err("delete a ban"))
+            .map_err(err("delete a ban"))?;
+        if removed {
+            self.bump_generation()?;
+        }
+        Ok(removed)
     }
 
     /// Every ban, at most `limit` per map.
@@ -164,7 +177,8 @@ impl Maps {
         .map_err(|e| match full(&e) {
             true => DataPathError::Other(format!("the allowlist map is full; {cidr} not added")),
             false => DataPathError::Other(format!("add {cidr} to the allowlist: {e}")),
-        })
+        })?;
+        self.bump_generation()
     }
 
     pub fn del_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
@@ -252,46 +266,10 @@ impl Maps {
         }
     }
 
-    /// Copy every entry the data plane depends on into `dst` (a migration). With a changed
-    /// layout, this is where the per-map conversion goes.
+    /// Copy every entry the data plane depends on into `dst` (a migration), converted from
+    /// the layout these maps were written in to `layout_version` (see `migrate`).
     pub fn copy_into(&self, dst: &mut Maps, layout_version: u32) -> Result<(), DataPathError> {
-        let mut cfg = self.config()?;
-        if cfg.layout_version == 0 {
-            // Never initialised (a first start died before writing it): zero window and
-            // threshold would be wrong settings, so start the new maps from the defaults.
-            cfg = Config {
-                cidr_v4: cfg.cidr_v4,
-                cidr_v6: cfg.cidr_v6,
-                ..Config::new()
-            };
-        }
-        cfg.layout_version = layout_version;
-        dst.write_config(&cfg)?;
-        for (cidr, v) in self.bans(usize::MAX)? {
-            dst.insert_ban(&cidr, &v)
-                .map_err(|e| ban_err(&e, cidr, u32::MAX))?;
-        }
-        for cidr in self.allows(usize::MAX)? {
-            dst.put_allow(&cidr)?;
-        }
-        for port in 0..65_536u32 {
-            let w = self.ports.get(&port, 0).map_err(err("read PORTS"))?;
-            if w != 0 {
-                dst.ports.set(port, w, 0).map_err(err("write PORTS"))?;
-            }
-        }
-        for (k, v) in self.flows(LRU_WALK) {
-            // LRU: a full target evicts instead of failing.
-            let _ = dst.flows.insert(k, v, 0);
-        }
-        for (k, v) in self.rates(LRU_WALK) {
-            let _ = dst.rates.insert(k, v, 0);
-        }
-        for i in 0..COUNTERS_LEN {
-            let v: PerCpuValues<u64> = self.counters.get(&i, 0).map_err(err("read COUNTERS"))?;
-            dst.counters.set(i, v, 0).map_err(err("write COUNTERS"))?;
-        }
-        Ok(())
+        super::migrate::copy(self, dst, layout_version)
     }
 }
 
@@ -351,7 +329,7 @@ fn optional<T>(r: Result<T, MapError>) -> Result<Option<T>, MapError> {
     }
 }
 
-fn err(what: &'static str) -> impl Fn(MapError) -> DataPathError {
+pub fn err(what: &'static str) -> impl Fn(MapError) -> DataPathError {
     move |e| DataPathError::Other(format!("{what}: {e}"))
 }
 

@@ -20,10 +20,14 @@
 //! programs run on the pinned maps (same program and link ids, nothing touched), swaps a
 //! different build in through each pinned link (`bpf_link_update`, reusing the pinned maps)
 //! and, when the pinned layout differs, first copies every entry into fresh maps
-//! (`maps_new/`), swaps, then renames them over `maps/`. A program found running on maps other
-//! than the pinned ones (a migration interrupted between its swap and its renames) is swapped
-//! too, and leftover `maps_new/` pins are removed. Dropping a `DataPath`, or the process
-//! dying, detaches nothing (fail-static); [`DataPath::detach_all`] is the kill switch.
+//! (`maps_new/`), converted from the pinned layout (the one CONFIG records) to this build's
+//! (`migrate`: layout 1 to 2 sets `BAN_MAY_PRESERVE` on every ban), swaps, then renames them
+//! over `maps/`. A pinned layout newer than this build's is refused, leaving that generation
+//! enforcing untouched: an older build cannot know what the newer one's entries mean. A program
+//! found running on maps other than the pinned ones (a migration interrupted between its swap
+//! and its renames) is swapped too, and leftover `maps_new/` pins are removed. Dropping a
+//! `DataPath`, or the process dying, detaches nothing (fail-static); [`DataPath::detach_all`] is
+//! the kill switch.
 //!
 //! Test hooks ([`OpenHooks`], or the environment for a separate process):
 //! `WSGUARD_TEST_LAYOUT_VERSION=N` makes this build claim layout version N (a pinned
@@ -35,9 +39,11 @@ mod attach;
 mod batch;
 mod loader;
 mod maps;
+mod migrate;
 mod open;
 mod pins;
 mod prefilter;
+mod preserve;
 mod sys;
 
 use std::{net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
@@ -192,14 +198,18 @@ impl DataPath {
         pins::detach_all(pin_dir)
     }
 
-    /// Write the runtime settings. The CIDR counts and the layout version belong to the data
-    /// path and are kept as they are, whatever `cfg` holds.
+    /// Write the runtime settings. The CIDR counts, the layout version and the generation
+    /// counter belong to the data path and are kept as they are, whatever `cfg` holds; the
+    /// counter moves on, as settings may change what a held verdict said.
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), DataPathError> {
+        use wsguard_common::maps::{CFG_GENERATION, CFG_GENERATION_ONE};
         let cur = self.maps.config()?;
+        let generation = (cur.flags & CFG_GENERATION).wrapping_add(CFG_GENERATION_ONE);
         let next = Config {
             cidr_v4: cur.cidr_v4,
             cidr_v6: cur.cidr_v6,
             layout_version: cur.layout_version,
+            flags: (cfg.flags & !CFG_GENERATION) | generation,
             ..*cfg
         };
         self.maps.write_config(&next)
@@ -224,6 +234,7 @@ impl DataPath {
             });
         }
         let mut v = self.allows.flagged(cidr, value);
+        v = preserve::FlowClients::read(&self.maps)?.flagged(cidr, &v);
         if let Some(old) = existing {
             // Drops the kernel counts between this read and the write are lost: a handful.
             v.drops = old.drops;
@@ -276,11 +287,13 @@ impl DataPath {
     }
 
     /// Every ban entry in the maps (for adoption and reconciliation), with the flags callers
-    /// set: `BAN_NOT_ALLOWLISTED` belongs to the data path, which sets it on every write.
+    /// set: `BAN_NOT_ALLOWLISTED` and `BAN_MAY_PRESERVE` belong to the data path, which sets
+    /// them on every write.
     pub fn bans(&self) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
+        use wsguard_common::maps::{BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED};
         let mut bans = self.maps.bans(self.max_bans as usize + 1)?;
         for (_, v) in &mut bans {
-            v.flags &= !wsguard_common::maps::BAN_NOT_ALLOWLISTED;
+            v.flags &= !(BAN_NOT_ALLOWLISTED | BAN_MAY_PRESERVE);
         }
         Ok(bans)
     }

@@ -121,7 +121,7 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
         let x = attach::xdp(&mut ebpf, Some(&pinned), iface, opts.xdp_mode, replace)?;
         if x.mode.starts_with("netlink") {
             netlink_fallbacks += 1;
-            tracing::error!(iface, mode = %x.mode, "XDP fell back to a netlink attachment: it cannot be pinned nor replaced atomically across restarts");
+            tracing::error!(iface, mode = %x.mode, "XDP fell back to a netlink attachment (no XDP links in this kernel): nothing is pinned, restarts find and swap it through netlink");
         }
         // A swapped XDP program takes its TC partner along: both must read the same maps.
         let tc = attach::tc(

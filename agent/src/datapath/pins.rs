@@ -15,7 +15,7 @@ use aya::programs::{
     tc::{SchedClassifierLink, TcAttachType, TcHandle},
 };
 
-use super::{DataPathError, sys};
+use super::{DataPathError, attach::netlink, sys};
 
 pub const MAPS: &str = "maps";
 /// Fresh maps of a migration, filled before the program swap, renamed over `maps/` after it.
@@ -283,13 +283,16 @@ fn detach_one(path: &Path) -> Result<(), String> {
                     "no such interface here: its clsact filter is not removed if it exists elsewhere"
                 );
             }
-        } else if let (Some((iface, XDP_SUFFIX)), Some(mode)) =
-            (&link, text.strip_prefix("netlink:"))
-            && sys::ifindex(iface).is_some()
+        } else if let (Some((iface, XDP_SUFFIX)), Some(mode)) = (&link, netlink::record_mode(&text))
         {
-            return Err(format!(
-                "XDP is attached through netlink ({mode}), which has no link to detach: run `ip link set dev {iface} xdp off`"
-            ));
+            // No link to detach: ask the kernel to remove wsguard's program itself.
+            match sys::ifindex(iface) {
+                Some(ifindex) => netlink::remove_recorded(iface, ifindex, mode)?,
+                None => tracing::warn!(
+                    iface = %iface,
+                    "no such interface here: its netlink XDP attachment is not removed if it exists elsewhere"
+                ),
+            }
         }
         return fs::remove_file(path).map_err(|e| e.to_string());
     }

@@ -61,12 +61,21 @@ pub enum Counter {
 pub const COUNTERS_LEN: u32 = Counter::EventsLost as u32 + 1;
 
 /// Version of the map layouts below; the agent migrates pinned maps when it differs.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: [`BAN_MAY_PRESERVE`]. A ban without it has no flow to preserve, so the data plane skips
+/// the flow lookup on its drop path; layout-1 bans never carried it and get it on migration.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `Config::flags`: global observe mode (nothing is dropped, would-be drops are counted).
 pub const CFG_OBSERVE: u32 = 1 << 0;
 /// `Config::flags`: only paths starting with one of `paths` are in WebSocket scope.
 pub const CFG_PATH_SCOPE: u32 = 1 << 1;
+/// `Config::flags`: a generation counter in the top 16 bits. The agent adds
+/// [`CFG_GENERATION_ONE`] after it removes a ban or adds an allowlist entry, so a CPU stops
+/// using the verdict it holds for a hot banned source at its next packet (a held verdict is
+/// kept only while `flags` is unchanged) instead of up to one jiffy later.
+pub const CFG_GENERATION: u32 = 0xffff_0000;
+pub const CFG_GENERATION_ONE: u32 = 1 << 16;
 
 /// Runtime settings, slot 0 of the `CONFIG` array. The agent rewrites it; no reload needed.
 #[repr(C)]
@@ -146,6 +155,13 @@ pub const BAN_HARD: u32 = 1 << 1;
 /// sets it is only slower. Whoever adds an allowlist entry inserts it first, then clears this
 /// flag on every ban the entry overlaps.
 pub const BAN_NOT_ALLOWLISTED: u32 = 1 << 2;
+/// `BanValue::flags` (layout 2): a flow of a covered source may have been established before
+/// the ban, so the data plane looks flows up to preserve them. Without it a banned source's
+/// packets are dropped without the flow lookup (the costliest step of the drop path). The
+/// writer sets it when the flow table holds any flow of a covered source at the time of the
+/// write; the TC program sets it when it sees a flow that started before the ban become
+/// established. Never cleared while the ban lives.
+pub const BAN_MAY_PRESERVE: u32 = 1 << 3;
 
 /// Value of the exact (`BANS_V4`, `BANS_V6`) and CIDR (`BAN_CIDRS_*`) ban maps.
 ///

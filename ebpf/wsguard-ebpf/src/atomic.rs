@@ -39,3 +39,22 @@ pub unsafe fn add_u64(dst: *mut u64, v: u64) {
     // SAFETY: forwarded to the caller.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, v) };
 }
+
+/// Set `bits` in `*dst` atomically (BPF_OR, kernel 5.12+), so a concurrent writer of other
+/// bits loses nothing.
+///
+/// # Safety
+/// `dst` must point to a live, aligned u32 (e.g. a field of a map value).
+#[inline(always)]
+pub unsafe fn or_u32(dst: *mut u32, bits: u32) {
+    // Written as the instruction for the same reason as `fetch_add_u32`.
+    // SAFETY: forwarded to the caller; the instruction touches only `*dst`.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u32 *)(r1 + 0) |= w2",
+            in("r2") u64::from(bits),
+            in("r1") dst,
+            options(nostack),
+        )
+    };
+}

@@ -1,26 +1,26 @@
 //! Ban lookup and judgement on the XDP path: which live ban covers a source, whether the
-//! allowlist or a preserved flow overrides it, and the per-ban drop counter.
+//! allowlist or a preserved flow overrides it, the per-ban drop counter, and the per-CPU hot
+//! source that lets a flood from one banned source skip the lookup.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use wsguard_common::{
     filter::{slot, v4_bit, v6_bit},
     maps::{
-        BAN_HARD, BAN_NOT_ALLOWLISTED, BAN_OBSERVE, BanValue, CFG_OBSERVE, Config, Counter,
-        FLOW_ESTABLISHED,
+        BAN_HARD, BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED, BAN_OBSERVE, BanValue, CFG_OBSERVE,
+        Config, Counter, FLOW_ESTABLISHED,
     },
 };
 
 use crate::{
     atomic::add_u64,
-    clock::coarse_now_ns,
+    clock::{coarse_now_ns, jiffies},
     maps::{
-        ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, FLOWS,
-        PENDING_DROPS, PORTS, PendingDrops, V4_TAG,
+        ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, CONFIG,
+        CoarseClock, FLOWS, HOT_BAN, HotBan, PORTS, V4_TAG,
     },
     parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
     xdp::flow_key,
 };
-use aya_ebpf::programs::XdpContext;
 
 /// A ban's own shared drop counter is exact up to here; past it (a hot attacker), each CPU
 /// adds its drops in batches so that many CPUs do not fight over one cache line.
@@ -34,16 +34,48 @@ pub enum Banned {
     Pass(Counter),
 }
 
-/// The live ban that covers the source, if any. The pre-filter answers for most clean
-/// sources with one array read; the rest look up the exact address first, then the CIDR tries
-/// if they hold any. An expired exact ban must not hide a live CIDR ban over the same address.
+/// What happens to a packet from this source: `None` if no live ban covers it.
+///
+/// The pre-filter answers for most clean sources with one array read. A hot banned source
+/// (past `HOT_DROPS` drops, enforced, not allowlisted) that this CPU already dropped in the
+/// current jiffy is judged from the verdict held in `HOT_BAN`, without the ban lookup, while
+/// `Config::flags` is unchanged: the agent bumps its generation bits when it removes a ban or
+/// adds an allowlist entry, so those reach the source at its next packet; a change the agent
+/// does not announce (a ban's own flags, expiry) reaches it at most one jiffy late, as expiry
+/// already does (see clock.rs). Everything else looks the ban up.
+///
+/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
 #[inline(always)]
-pub fn find_ban<'a>(l3: &L3, cfg: &Config) -> Option<&'a mut BanValue> {
+pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Option<Banned> {
     if proven_clean(l3) {
         return None;
     }
+    // The per-CPU slot always exists; were it missing, failing open is the rule.
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
+    let now_j = jiffies();
+    let src = src_words(l3);
+    if HOLD && hot.held != 0 && hot.jiffies == now_j && hot.src == src && hot.cfg_flags == cfg.flags
+    {
+        return Some(judge_hot(ctx, l3, hot));
+    }
     // SAFETY: map values live while the program runs; `drops` is only touched atomically.
-    lookup_live(l3.v6, l3.src, cfg).map(|p| unsafe { &mut *p })
+    let ban = unsafe { &mut *lookup_live(l3.v6, l3.src, cfg, now_j, hot)? };
+    Some(judge_banned(ctx, l3, ban, cfg, now_j, src, hot))
+}
+
+/// The held verdict: an enforced ban, so drop unless the flow is preserved.
+#[inline(always)]
+fn judge_hot(ctx: &XdpContext, l3: &L3, hot: &mut HotBan) -> Banned {
+    if hot.flags & BAN_HARD == 0 && preserved(ctx, l3, hot.created_ns, hot.flags) {
+        return Banned::Pass(Counter::Preserved);
+    }
+    hot.count += 1;
+    if hot.count >= DROP_BATCH {
+        flush(hot);
+        hot.count = 0;
+    }
+    Banned::Drop
 }
 
 /// Whether the pre-filter says no ban covers the source's bucket.
@@ -60,37 +92,67 @@ fn proven_clean(l3: &L3) -> bool {
     BAN_FILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
-/// The live ban of `src` (4 or 16 readable bytes, as `v6` says), exact first, then CIDR.
+/// The live ban of `src` (4 or 16 readable bytes, as `v6` says), exact first, then CIDR. An
+/// expired exact ban must not hide a live CIDR ban over the same address.
 #[inline(always)]
-fn lookup_live(v6: bool, src: *const u8, cfg: &Config) -> Option<*mut BanValue> {
+fn lookup_live(
+    v6: bool,
+    src: *const u8,
+    cfg: &Config,
+    now_j: u64,
+    hot: &mut HotBan,
+) -> Option<*mut BanValue> {
     // The clock is read only once a ban matched, and only for bans that expire.
     let mut now = 0;
     if v6 {
         // SAFETY: the caller guarantees 16 readable bytes.
         let src = unsafe { &*(src as *const [u8; 16]) };
-        live(BANS_V6.get_ptr_mut(src), &mut now).or_else(|| {
+        live(BANS_V6.get_ptr_mut(src), &mut now, now_j, &mut hot.clock).or_else(|| {
             if cfg.cidr_v6 == 0 {
                 return None;
             }
             let cidr = BAN_CIDRS_V6.get(Key::new(128, *src));
-            live(cidr.map(|v| v as *const _ as *mut BanValue), &mut now)
+            live(
+                cidr.map(|v| v as *const _ as *mut BanValue),
+                &mut now,
+                now_j,
+                &mut hot.clock,
+            )
         })
     } else {
         // SAFETY: the caller guarantees 4 readable bytes.
         let src = unsafe { &*(src as *const [u8; 4]) };
-        live(BANS_V4.get_ptr_mut(src), &mut now).or_else(|| {
+        live(BANS_V4.get_ptr_mut(src), &mut now, now_j, &mut hot.clock).or_else(|| {
             if cfg.cidr_v4 == 0 {
                 return None;
             }
             let cidr = BAN_CIDRS_V4.get(Key::new(32, *src));
-            live(cidr.map(|v| v as *const _ as *mut BanValue), &mut now)
+            live(
+                cidr.map(|v| v as *const _ as *mut BanValue),
+                &mut now,
+                now_j,
+                &mut hot.clock,
+            )
         })
     }
 }
 
+/// The live ban of `addr` (4 or 16 readable bytes, as `v6` says), for the TC program.
+#[inline(always)]
+pub fn live_ban(v6: bool, addr: *const u8, cfg: &Config) -> Option<*mut BanValue> {
+    // SAFETY: this CPU's slot; XDP and TC never run interleaved on one CPU.
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
+    lookup_live(v6, addr, cfg, jiffies(), hot)
+}
+
 /// `ban` unless it has expired (the agent may not have removed it yet).
 #[inline(always)]
-fn live(ban: Option<*mut BanValue>, now: &mut u64) -> Option<*mut BanValue> {
+fn live(
+    ban: Option<*mut BanValue>,
+    now: &mut u64,
+    now_j: u64,
+    clock: &mut CoarseClock,
+) -> Option<*mut BanValue> {
     let ban = ban?;
     // SAFETY: a live map value, read once.
     let expires = unsafe { (*ban).expires_ns };
@@ -98,23 +160,31 @@ fn live(ban: Option<*mut BanValue>, now: &mut u64) -> Option<*mut BanValue> {
         return Some(ban);
     }
     if *now == 0 {
-        *now = coarse_now_ns();
+        *now = coarse_now_ns(now_j, clock);
     }
     if expires <= *now { None } else { Some(ban) }
 }
 
 #[inline(always)]
-pub fn judge_banned(ctx: &XdpContext, l3: &L3, ban: &mut BanValue, cfg: &Config) -> Banned {
+fn judge_banned(
+    ctx: &XdpContext,
+    l3: &L3,
+    ban: &mut BanValue,
+    cfg: &Config,
+    now_j: u64,
+    src: [u64; 2],
+    hot: &mut HotBan,
+) -> Banned {
     if ban.flags & BAN_NOT_ALLOWLISTED == 0 && allowlisted(l3) {
         return Banned::Pass(Counter::Allowlisted);
     }
     let observe = ban.flags & BAN_OBSERVE != 0 || cfg.flags & CFG_OBSERVE != 0;
-    if !observe && ban.flags & BAN_HARD == 0 && preserved(ctx, l3, ban) {
+    if !observe && ban.flags & BAN_HARD == 0 && preserved(ctx, l3, ban.created_ns, ban.flags) {
         // Preserved packets pass and are no drops, so the CLI's per-ban count stays honest.
         return Banned::Pass(Counter::Preserved);
     }
     // Counted for observe bans too: "would have dropped" is what the operator wants to see.
-    count_drop(l3, ban);
+    count_drop(ban, !observe, cfg.flags, now_j, src, hot);
     if observe {
         Banned::Pass(Counter::WouldDrop)
     } else {
@@ -136,10 +206,11 @@ fn allowlisted(l3: &L3) -> bool {
 }
 
 /// Is this a packet of a TCP flow that was an established WebSocket (or TLS session) before
-/// the ban was created? A SYN never is: it starts a new flow.
+/// the ban (created at `created_ns`, with `flags`) was created? A SYN never is: it starts a
+/// new flow. A ban without `BAN_MAY_PRESERVE` covers no such flow: no lookup.
 #[inline(always)]
-fn preserved(ctx: &XdpContext, l3: &L3, ban: &BanValue) -> bool {
-    if l3.proto != Some(IPPROTO_TCP) {
+fn preserved(ctx: &XdpContext, l3: &L3, created_ns: u64, flags: u32) -> bool {
+    if flags & BAN_MAY_PRESERVE == 0 || l3.proto != Some(IPPROTO_TCP) {
         return false;
     }
     let Ok(tcp) = parse_tcp(ctx, l3) else {
@@ -153,54 +224,56 @@ fn preserved(ctx: &XdpContext, l3: &L3, ban: &BanValue) -> bool {
     match FLOWS.get_ptr(flow_key(l3, &tcp)) {
         // SAFETY: a live map value, read once.
         Some(flow) => unsafe {
-            (*flow).state == FLOW_ESTABLISHED && (*flow).first_seen_ns < ban.created_ns
+            (*flow).state == FLOW_ESTABLISHED && (*flow).first_seen_ns < created_ns
         },
         None => false,
     }
 }
 
-/// Count one drop against `ban`. Exact (one shared atomic add) until the ban is hot; then
-/// this CPU batches the drops of the source it saw last and adds them every `DROP_BATCH`, or
-/// as soon as it drops another source. The shared counter then lags by less than `DROP_BATCH`
-/// per CPU, invisible on counts past `HOT_DROPS`: that is what keeps one attacker spread over
-/// every CPU from turning its counter's cache line into the slowest part of the path.
+/// Count one drop against `ban` (of source `src`; `enforced`: a real drop, not observe).
+/// Exact (one shared atomic add) until the ban is hot; then this CPU holds the source in
+/// `HOT_BAN`, with the ban's verdict for this jiffy when it is enforced, batches its drops and
+/// adds them every `DROP_BATCH`, or as soon as it drops another source. The shared counter then
+/// lags by less than `DROP_BATCH` per CPU, invisible on counts past `HOT_DROPS`: that is what
+/// keeps one attacker spread over every CPU from turning its counter's cache line into the
+/// slowest part of the path.
 #[inline(always)]
-fn count_drop(l3: &L3, ban: &mut BanValue) {
-    let Some(pending) = PENDING_DROPS.get_ptr_mut(0) else {
-        // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
-        unsafe { add_u64(&mut ban.drops, 1) };
-        return;
-    };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-    let pending = unsafe { &mut *pending };
+fn count_drop(
+    ban: &mut BanValue,
+    enforced: bool,
+    cfg_flags: u32,
+    now_j: u64,
+    src: [u64; 2],
+    hot: &mut HotBan,
+) {
     // SAFETY: a racy read of a live u64 only shifts the moment batching starts.
-    let hot = unsafe { core::ptr::read_volatile(&ban.drops) } >= HOT_DROPS;
-    let src = src_words(l3);
-    let same = pending.src[0] == src[0] && pending.src[1] == src[1];
-    if hot && same {
-        pending.count += 1;
-        if pending.count >= DROP_BATCH {
-            // SAFETY: as above.
-            unsafe { add_u64(&mut ban.drops, pending.count) };
-            pending.count = 0;
-        }
-        return;
-    }
+    let is_hot = unsafe { core::ptr::read_volatile(&ban.drops) } >= HOT_DROPS;
     let mut add = 1;
-    if pending.count != 0 {
-        if same {
-            add += pending.count;
+    if hot.count != 0 {
+        if hot.src == src {
+            add += hot.count;
         } else {
-            flush(pending);
+            flush(hot);
         }
-        pending.count = 0;
+        hot.count = 0;
     }
-    // SAFETY: as above.
-    unsafe { add_u64(&mut ban.drops, add) };
-    pending.src = src;
+    if is_hot && add < DROP_BATCH {
+        // Held back from now on; the next drops cost no shared write until DROP_BATCH.
+        hot.count = add;
+    } else {
+        // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
+        unsafe { add_u64(&mut ban.drops, add) };
+    }
+    hot.src = src;
+    hot.held = u32::from(is_hot && enforced);
+    // Valid while the jiffy its expiry was judged in lasts.
+    hot.jiffies = now_j;
+    hot.created_ns = ban.created_ns;
+    hot.flags = ban.flags;
+    hot.cfg_flags = cfg_flags;
 }
 
-/// The source as `PendingDrops::src` holds it: two word loads, no byte shuffling.
+/// The source as `HotBan::src` holds it: two word loads, no byte shuffling.
 #[inline(always)]
 fn src_words(l3: &L3) -> [u64; 2] {
     // SAFETY: parse_l3 bounds-checked 16 (IPv6) or 4 (IPv4) address bytes.
@@ -216,19 +289,20 @@ fn src_words(l3: &L3) -> [u64; 2] {
 
 /// Add the held-back drops to the ban that covers their source now (gone: nothing to do).
 #[inline(always)]
-fn flush(pending: &PendingDrops) {
-    let v6 = pending.src[0] != V4_TAG;
-    let words = pending.src;
-    let v4 = pending.src[1] as u32;
+fn flush(hot: &mut HotBan) {
+    let v6 = hot.src[0] != V4_TAG;
+    let words = hot.src;
+    let v4 = hot.src[1] as u32;
     let p = if v6 {
         words.as_ptr() as *const u8
     } else {
         &v4 as *const u32 as *const u8
     };
-    if let Some(cfg) = crate::maps::CONFIG.get(0)
-        && let Some(ban) = lookup_live(v6, p, cfg)
+    let count = hot.count;
+    if let Some(cfg) = CONFIG.get(0)
+        && let Some(ban) = lookup_live(v6, p, cfg, jiffies(), hot)
     {
         // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
-        unsafe { add_u64(&mut (*ban).drops, pending.count) };
+        unsafe { add_u64(&mut (*ban).drops, count) };
     }
 }

@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_boot_ns};
 
-use crate::maps::CLOCK;
+use crate::maps::CoarseClock;
 
 /// The exact boot time, for timestamps that are compared with each other (flows, windows).
 #[inline(always)]
@@ -15,16 +15,17 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Boot time, up to one tick old: for ban expiry only.
+/// The current jiffy (inlined by the JIT: no helper call).
 #[inline(always)]
-pub fn coarse_now_ns() -> u64 {
+pub fn jiffies() -> u64 {
     // SAFETY: helper without arguments.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let Some(c) = CLOCK.get_ptr_mut(0) else {
-        return now_ns();
-    };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-    let c = unsafe { &mut *c };
+    unsafe { bpf_jiffies64() }
+}
+
+/// Boot time, up to one tick old: for ban expiry only. `jiffies` is [`jiffies`]'s answer,
+/// `c` this CPU's cache.
+#[inline(always)]
+pub fn coarse_now_ns(jiffies: u64, c: &mut CoarseClock) -> u64 {
     if c.jiffies != jiffies || c.boot_ns == 0 {
         c.boot_ns = now_ns();
         c.jiffies = jiffies;

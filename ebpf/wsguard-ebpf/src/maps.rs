@@ -86,28 +86,40 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static BAN_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
-/// Per-CPU cache of `CLOCK_BOOTTIME`, refreshed once per jiffy (see clock.rs).
+/// Per-CPU state of the drop path (see ban.rs): the hot banned source this CPU dropped last,
+/// its drops not yet added to its ban's shared counter and, for the rest of one jiffy, the
+/// ban's verdict, so a flood from one banned source skips the ban lookup; and the coarse clock.
+#[repr(C)]
+pub struct HotBan {
+    /// The source: `[V4_TAG, address]` for IPv4, the two address words for IPv6.
+    pub src: [u64; 2],
+    /// Drops held back, not yet added to the ban's `drops`.
+    pub count: u64,
+    /// The jiffy in which the verdict below was read from the ban map.
+    pub jiffies: u64,
+    /// The ban's `created_ns` and `flags` at that moment.
+    pub created_ns: u64,
+    pub flags: u32,
+    /// 1: `jiffies`, `created_ns` and `flags` hold an enforced drop verdict for `src`.
+    pub held: u32,
+    /// `Config::flags` when the verdict was read: any change (observe, the agent's generation
+    /// counter) ends it.
+    pub cfg_flags: u32,
+    pub _pad: u32,
+    /// This CPU's cached boot time (see clock.rs); here so the drop path reads one slot.
+    pub clock: CoarseClock,
+}
+
+/// `CLOCK_BOOTTIME` as read in jiffy `jiffies`.
 #[repr(C)]
 pub struct CoarseClock {
     pub jiffies: u64,
     pub boot_ns: u64,
 }
 
-#[map]
-pub static CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU drops of the hot ban this CPU saw last, not yet added to its shared counter (see
-/// ban.rs).
-#[repr(C)]
-pub struct PendingDrops {
-    /// Source of the last drop: `[V4_TAG, address]` for IPv4, the two address words for IPv6.
-    pub src: [u64; 2],
-    pub count: u64,
-}
-
-/// First word of an IPv4 source in `PendingDrops::src`: no IPv6 source starts with it (it
-/// would be multicast).
+/// First word of an IPv4 source in `HotBan::src`: no IPv6 source starts with it (it would be
+/// multicast).
 pub const V4_TAG: u64 = u64::MAX;
 
 #[map]
-pub static PENDING_DROPS: PerCpuArray<PendingDrops> = PerCpuArray::with_max_entries(1, 0);
+pub static HOT_BAN: PerCpuArray<HotBan> = PerCpuArray::with_max_entries(1, 0);

@@ -11,14 +11,16 @@ use aya_ebpf::{
 use wsguard_common::{
     BadReason, Verdict,
     http::response_status,
-    maps::{Counter, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_HANDSHAKE, FlowKey},
+    maps::{BAN_MAY_PRESERVE, Counter, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_HANDSHAKE, FlowKey},
 };
 
 use crate::{
+    atomic::or_u32,
+    ban::live_ban,
     counters::count,
     inspect::record_bad,
     maps::{CONFIG, FLOWS, PORTS},
-    parse::{IPPROTO_TCP, parse_l3, parse_tcp},
+    parse::{IPPROTO_TCP, L3, parse_l3, parse_tcp},
 };
 
 /// Bytes of the status line we read: `HTTP/1.1 101`.
@@ -75,16 +77,18 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     if flow.verdict == Verdict::Tls as u8 {
         // Payload in both directions: for TLS that is as established as we can see.
         flow.state = FLOW_ESTABLISHED;
+        mark_preservable(&l3, flow.first_seen_ns);
         return Ok(());
     }
     let Some(status) = response_status(&head) else {
         return Ok(());
     };
-    flow.state = if status == 101 {
-        FLOW_ESTABLISHED
+    if status == 101 {
+        flow.state = FLOW_ESTABLISHED;
+        mark_preservable(&l3, flow.first_seen_ns);
     } else {
-        FLOW_ANSWERED
-    };
+        flow.state = FLOW_ANSWERED;
+    }
     if (500..600).contains(&status) {
         // The server's fault (outage, deploy): never counted against the client.
         count(Counter::UpstreamErrors);
@@ -97,4 +101,25 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
         record_bad(&key.client, BadReason::ServerRejected, tcp.sport, cfg, now);
     }
     Ok(())
+}
+
+/// A flow that started before a ban of its client just became established: it is preserved
+/// from now on, so the ban must send its client's packets through the flow lookup. The agent
+/// sets the flag for flows that already existed when it wrote the ban; this covers handshakes
+/// still in flight then.
+#[inline(always)]
+fn mark_preservable(l3: &L3, first_seen_ns: u64) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    // Egress: the client is the destination.
+    if let Some(ban) = live_ban(l3.v6, l3.dst, cfg) {
+        // SAFETY: a live map value; `flags` is an aligned u32 other writers only OR into or
+        // replace whole.
+        unsafe {
+            if (*ban).flags & BAN_MAY_PRESERVE == 0 && first_seen_ns < (*ban).created_ns {
+                or_u32(&mut (*ban).flags, BAN_MAY_PRESERVE);
+            }
+        }
+    }
 }

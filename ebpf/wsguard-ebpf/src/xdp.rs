@@ -11,7 +11,7 @@ use aya_ebpf::{
 use wsguard_common::maps::{Config, Counter, FlowKey};
 
 use crate::{
-    ban::{Banned, find_ban, judge_banned},
+    ban::{Banned, judge},
     clock::now_ns,
     counters::count,
     inspect::{first_request, may_start_request},
@@ -34,8 +34,8 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let cfg = CONFIG.get(0).ok_or(())?;
     let mut action = Counter::Passed;
-    if let Some(ban) = find_ban(&l3, cfg) {
-        match judge_banned(ctx, &l3, ban, cfg) {
+    if let Some(verdict) = judge::<true>(ctx, &l3, cfg) {
+        match verdict {
             Banned::Drop => {
                 count(Counter::Dropped);
                 return Ok(XDP_DROP);

@@ -265,9 +265,10 @@ impl AgentLab {
             &["tc", "filter", "show", "dev", &self.lab.if_a, "egress"],
             Duration::from_secs(10),
         )?;
+        // One line per filter; it names the program twice (object section and kernel name).
         let clsact = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter(|w| is_tc_egress(w))
+            .lines()
+            .filter(|l| l.split_whitespace().any(is_tc_egress))
             .count();
         Ok(tcx + clsact)
     }

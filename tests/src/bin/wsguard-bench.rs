@@ -6,11 +6,18 @@
 //! (loopback, link-local, a node address), and the ban pre-filter is filled. Rows marked
 //! "no filter" show the same path with the pre-filter left empty, as a build whose agent does
 //! not fill it would run.
+//!
+//! Banned rows come in pairs. "held verdict" is `wsguard_xdp` itself on a repeated packet: a
+//! CPU that keeps dropping one hot banned source judges it from the verdict it holds for the
+//! rest of the jiffy, without the ban lookup (a steady flood from a banned source). "lookup" is
+//! the same drop path judging every packet through the ban lookup (`wsguard_bench_lookup`): what
+//! the first packet of a source in each jiffy on each CPU costs, and every packet when many
+//! banned sources interleave on one CPU.
 
 use anyhow::{Result, ensure};
 use aya::maps::lpm_trie::Key;
 use std::time::{Duration, Instant};
-use wsguard_common::maps::{BAN_NOT_ALLOWLISTED, BanValue, FLOW_ESTABLISHED};
+use wsguard_common::maps::{BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED, BanValue, FLOW_ESTABLISHED};
 use wsguard_tests::{
     dataplane::{DataPlane, TC_ACT_OK, XDP_DROP, XDP_PASS, boot_ns, flow_key},
     packet::{Pkt, bad_request, ws_request},
@@ -74,7 +81,37 @@ impl Bench {
     }
 
     fn measure(&mut self, path: &str, frame: &[u8], want: u32, target: Option<f64>) -> Result<()> {
-        let ns = self.best(None, frame, want)?;
+        self.measure_prog(None, path, frame, want, target)
+    }
+
+    /// `measure`, and the same through the lookup path (the program copy that never judges from
+    /// the verdict a CPU holds for the hot banned source it dropped last).
+    fn measure_both(
+        &mut self,
+        path: &str,
+        frame: &[u8],
+        want: u32,
+        target: Option<f64>,
+    ) -> Result<()> {
+        self.measure_prog(None, &format!("{path}, held verdict"), frame, want, target)?;
+        self.measure_prog(
+            Some("wsguard_bench_lookup"),
+            &format!("{path}, lookup"),
+            frame,
+            want,
+            target,
+        )
+    }
+
+    fn measure_prog(
+        &mut self,
+        prog: Option<&str>,
+        path: &str,
+        frame: &[u8],
+        want: u32,
+        target: Option<f64>,
+    ) -> Result<()> {
+        let ns = self.best(prog, frame, want)?;
         let floor = if want == XDP_DROP {
             Floor::Drop
         } else {
@@ -269,13 +306,13 @@ fn main() -> Result<()> {
         b.fill_bans(filled, n)?;
         filled = n;
         let target = (n == 1_000_000).then_some(2.5);
-        b.measure(
+        b.measure_both(
             &format!("banned exact, {label} bans, SYN"),
             &banned_syn,
             XDP_DROP,
             target,
         )?;
-        b.measure(
+        b.measure_both(
             &format!("banned exact, {label} bans, request on watched port"),
             &banned_data,
             XDP_DROP,
@@ -283,11 +320,22 @@ fn main() -> Result<()> {
         )?;
     }
     b.measure("clean v4, 1M exact bans", &clean, XDP_PASS, Some(2.0))?;
+    // A ban whose writer saw flows of the source: its packets on watched ports pay the flow
+    // lookup that preservation needs.
+    let mut preserving = ttl_ban();
+    preserving.flags |= BAN_MAY_PRESERVE;
+    b.dp.bans_v4()?.insert([10, 0, 0, 5], preserving, 0)?;
+    b.measure_both(
+        "banned exact, 1M bans, request on watched port, ban may preserve flows",
+        &banned_data,
+        XDP_DROP,
+        None,
+    )?;
     // The same ban without the writer's allowlist promise: the allowlist is looked up.
     let mut unchecked = ttl_ban();
     unchecked.flags = 0;
     b.dp.bans_v4()?.insert([10, 0, 0, 5], unchecked, 0)?;
-    b.measure(
+    b.measure_both(
         "banned exact, 1M bans, SYN, allowlist looked up",
         &banned_syn,
         XDP_DROP,
@@ -298,7 +346,7 @@ fn main() -> Result<()> {
     eprintln!("filling the CIDR trie with 10k prefixes");
     b.fill_cidrs(10_000)?;
     let cidr_syn = Pkt::tcp("172.16.20.7", 40000, SERVER, PORT).syn().build();
-    b.measure(
+    b.measure_both(
         "banned CIDR, 10k prefixes (+1M exact), SYN",
         &cidr_syn,
         XDP_DROP,
@@ -334,7 +382,7 @@ fn main() -> Result<()> {
         XDP_PASS,
         Some(2.0),
     )?;
-    b.measure(
+    b.measure_both(
         "no filter: banned exact, 1M bans, SYN",
         &banned_syn,
         XDP_DROP,

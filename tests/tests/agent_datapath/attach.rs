@@ -290,3 +290,52 @@ fn pin_dir_needs_bpffs() -> Result<()> {
     ensure!(left == 1, "the refused open changed the directory");
     Ok(())
 }
+
+/// What ends the verdict a CPU holds for a hot banned source at its next packet: removing a ban,
+/// adding an allowlist entry, new settings. Writing a ban does not need to (a held verdict is
+/// only ever for a source that is banned), nor does a failed removal.
+#[test]
+fn unbans_allow_entries_and_settings_move_the_generation() -> Result<()> {
+    use wsguard_common::maps::{CFG_GENERATION, CFG_GENERATION_ONE, CFG_OBSERVE};
+    let lab = VethLab::new()?;
+    let bpffs = BpfFs::new()?;
+    let o = opts(&bpffs, &[&lab.if_a], 1000);
+    let mut dp = open_in(&lab, &o, OpenHooks::default())?;
+    let generation = |dp: &DataPath| -> Result<u32> { Ok(dp.config()?.flags & CFG_GENERATION) };
+    let banned = Cidr::host(IpAddr::V4(lab.ip_b));
+    let g0 = generation(&dp)?;
+    dp.put_ban(&banned, &ban())?;
+    ensure!(generation(&dp)? == g0, "a new ban moved the generation");
+    dp.del_ban(&banned)?;
+    let g1 = generation(&dp)?;
+    ensure!(
+        g1 == g0.wrapping_add(CFG_GENERATION_ONE),
+        "unban: {g0:#x} -> {g1:#x}"
+    );
+    dp.del_ban(&banned)?;
+    ensure!(
+        generation(&dp)? == g1,
+        "removing nothing moved the generation"
+    );
+    dp.put_allow(&cidr("192.0.2.0/24"))?;
+    let g2 = generation(&dp)?;
+    ensure!(
+        g2 == g1.wrapping_add(CFG_GENERATION_ONE),
+        "allow: {g1:#x} -> {g2:#x}"
+    );
+    // Settings carry their own flags; the generation is the data path's and moves on.
+    dp.set_config(&Config {
+        flags: CFG_OBSERVE | CFG_GENERATION,
+        ..Config::new()
+    })?;
+    let cfg = dp.config()?;
+    ensure!(
+        cfg.flags & !CFG_GENERATION == CFG_OBSERVE
+            && cfg.flags & CFG_GENERATION == g2.wrapping_add(CFG_GENERATION_ONE),
+        "settings: {:#x} after {g2:#x}",
+        cfg.flags
+    );
+    drop(dp);
+    DataPath::detach_all(&o.pin_dir)?;
+    Ok(())
+}

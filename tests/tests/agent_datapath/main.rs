@@ -8,5 +8,6 @@
 
 mod attach;
 mod crash;
+mod layout;
 mod support;
 mod upgrade;
