@@ -68,22 +68,17 @@ fn ban(s: &AgentLab, addr: std::net::Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// Every BPF link in the kernel whose program is `prog_id` (`bpftool link`): an XDP program
-/// attached through netlink has none.
-fn links_of_prog(prog_id: u32) -> Result<Vec<Value>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .context("bpftool link show")?;
-    ensure!(out.status.success(), "bpftool link show: {out:?}");
-    let all: Value = serde_json::from_slice(&out.stdout).context("bpftool -j: not JSON")?;
-    Ok(all
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|l| l["prog_id"].as_u64() == Some(u64::from(prog_id)))
-        .cloned()
-        .collect())
+/// Every BPF link in the kernel whose program is `prog_id` (the kernel's link list, as
+/// `bpftool link` shows it): an XDP program attached through netlink has none.
+fn links_of_prog(prog_id: u32) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for info in aya::programs::loaded_links() {
+        let info = info.context("list the kernel's BPF links")?;
+        if info.program_id() == prog_id {
+            ids.push(info.id());
+        }
+    }
+    Ok(ids)
 }
 
 /// The one XDP attachment of the protected interface, as the kernel reports it: in generic
