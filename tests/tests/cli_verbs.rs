@@ -330,13 +330,23 @@ fn every_verb_end_to_end_with_contract_json() -> Result<()> {
 }
 
 fn watch_two_frames(s: &Setup, verb: &str) -> Result<()> {
-    let mut child = Command::new(wsguard_bin()?)
-        .args([verb, "--watch"])
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(wsguard_bin()?);
+    cmd.args([verb, "--watch"])
         .env("WSGUARD_SOCKET", s.socket())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe signal(2) between fork and exec. A runner that started
+    // the tests in the background (SIGINT ignored, inherited across exec) must not turn the
+    // Ctrl-C below into nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn()?;
     let header = if verb == "stats" { "GROUP" } else { "ADDR" };
     let stdout = child.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -359,7 +369,18 @@ fn watch_two_frames(s: &Setup, verb: &str) -> Result<()> {
     }
     // SAFETY: plain kill(2) on our own child's pid: Ctrl-C.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let st = child.wait()?;
+    let end = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            child.wait()?;
+            anyhow::bail!("{verb} --watch did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     ensure!(frames == 2, "{verb} --watch drew {frames} frames");
     ensure!(!st.success(), "--watch runs until interrupted: {st:?}");
     Ok(())

@@ -6,7 +6,7 @@
 
 use wsguard_common::{
     filter,
-    maps::{BAN_NOT_ALLOWLISTED, BanValue, Counter, FLOW_ESTABLISHED},
+    maps::{BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED, BanValue, Counter, FLOW_ESTABLISHED},
 };
 use wsguard_tests::{
     dataplane::{DataPlane, Delta, TC_ACT_OK, XDP_DROP, XDP_PASS, boot_ns, flow_key, pin_to_cpu},
@@ -126,7 +126,7 @@ fn a_flood_from_banned_sources_inserts_nothing() {
 }
 
 /// Past 1024 drops a ban is hot: each CPU holds back up to 63 drops of the source it dropped
-/// last and adds them in one go, and hands them over as soon as it drops another source.
+/// last and adds them in one go of 64, and hands them over as soon as it drops another source.
 #[test]
 fn hot_bans_count_drops_in_per_cpu_batches() {
     // One CPU, so that consecutive runs share the per-CPU batch.
@@ -148,8 +148,8 @@ fn hot_bans_count_drops_in_per_cpu_batches() {
             let f = Pkt::tcp(hot, 40000, server(hot), 443).syn().build();
             let (rc, _) = dp.xdp_repeat(&f, 100).unwrap();
             assert_eq!(rc, XDP_DROP);
-            // The first drop is added at once, the next 64 as one batch, 35 are held back.
-            assert_eq!(dp.ban_entry(hot).unwrap().drops, 5000 + 1 + 64, "{hot}");
+            // Held back from the first drop: 64 are added as one batch, 36 are held back.
+            assert_eq!(dp.ban_entry(hot).unwrap().drops, 5000 + 64, "{hot}");
             // Dropping another source hands the held-back drops over.
             let f = Pkt::tcp(cold, 40000, server(cold), 443).syn().build();
             assert_eq!(dp.xdp(&f).unwrap(), XDP_DROP);
@@ -264,7 +264,12 @@ fn preservation_looks_at_watched_ports_only() {
         .payload(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
         .build();
     dp.tc(&answer).unwrap();
-    dp.ban(src, 32, ban_now()).unwrap();
+    // The writer saw the flow, so the ban lets the data plane look flows up.
+    let ban = BanValue {
+        flags: BAN_MAY_PRESERVE,
+        ..ban_now()
+    };
+    dp.ban(src, 32, ban).unwrap();
     let frame = [0x81, 0x80, 1, 2, 3, 4];
     let data = Pkt::tcp(src, 41000, SERVER4, PORT).payload(&frame).build();
     assert_eq!(

@@ -7,12 +7,20 @@
 //! conservative: applied to an entry that already has the new meaning, it changes nothing
 //! that matters (a generation that never recorded its layout gets every step).
 
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, BorrowedFd},
+};
+
+use aya::maps::IterableMap as _;
 use wsguard_common::maps::{BAN_MAY_PRESERVE, BanValue, COUNTERS_LEN, Config};
 
 use super::{
     DataPathError,
     maps::{LRU_WALK, Maps, ban_err, err},
+    sys,
 };
+use crate::addr::Cidr;
 
 /// What changes in the entries of layout `from` to make them layout `from + 1`.
 struct Step {
@@ -88,10 +96,7 @@ pub fn copy(old: &Maps, new: &mut Maps, to: u32) -> Result<(), DataPathError> {
     cfg.layout_version = to;
     new.write_config(&cfg)?;
     let bans = old.bans(usize::MAX)?;
-    for (cidr, v) in &bans {
-        new.insert_ban(cidr, &conv.ban(*v))
-            .map_err(|e| ban_err(&e, *cidr, u32::MAX))?;
-    }
+    write_bans(new, bans.iter().map(|(c, v)| (*c, conv.ban(*v))))?;
     for cidr in old.allows(usize::MAX)? {
         new.put_allow(&cidr)?;
     }
@@ -119,6 +124,52 @@ pub fn copy(old: &Maps, new: &mut Maps, to: u32) -> Result<(), DataPathError> {
         steps = conv.steps().count(),
         "copied the pinned maps into the new layout"
     );
+    Ok(())
+}
+
+/// Host bans per `BPF_MAP_UPDATE_BATCH`.
+const CHUNK: usize = 8192;
+
+/// Write `bans` into fresh maps: host bans in batches (a 1M-ban migration in about a hundred
+/// syscalls), network bans one by one (LPM tries have no batch operations).
+fn write_bans(
+    new: &mut Maps,
+    bans: impl Iterator<Item = (Cidr, BanValue)>,
+) -> Result<(), DataPathError> {
+    let (mut v4, mut v6) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for (c, v) in bans {
+        match (c.addr(), c.is_host()) {
+            (IpAddr::V4(a), true) => (v4.0.push(a.octets()), v4.1.push(v)),
+            (IpAddr::V6(a), true) => (v6.0.push(a.octets()), v6.1.push(v)),
+            _ => {
+                new.insert_ban(&c, &v)
+                    .map_err(|e| ban_err(&e, c, u32::MAX))?;
+                continue;
+            }
+        };
+    }
+    batched(new.bans_v4.map().fd().as_fd(), &v4.0, &v4.1)?;
+    batched(new.bans_v6.map().fd().as_fd(), &v6.0, &v6.1)
+}
+
+fn batched<K: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[BanValue],
+) -> Result<(), DataPathError> {
+    let fail = |e: std::io::Error| DataPathError::Other(format!("copy the exact bans: {e}"));
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        match sys::update_batch(fd, k, v) {
+            Ok(()) => {}
+            // No batch operations in this kernel: the same writes, one syscall each.
+            Err(e) if e.done == 0 && sys::batch_unsupported(&e.err) => {
+                for (k, v) in k.iter().zip(v) {
+                    sys::update_elem(fd, k, v).map_err(fail)?;
+                }
+            }
+            Err(e) => return Err(fail(e.err)),
+        }
+    }
     Ok(())
 }
 

@@ -51,6 +51,7 @@ fn clear(dir: &std::path::Path) {
 pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataPathError> {
     let pins = PinDir::new(&opts.pin_dir);
     pins.ensure()?;
+    let pins = pins.lock()?;
     let me = Layout {
         version: hooks.layout_version.unwrap_or(LAYOUT_VERSION),
         build: hooks.build_id.unwrap_or_else(loader::build_id),

@@ -59,13 +59,43 @@ pub fn parse_link_name(name: &str) -> Option<(String, &'static str)> {
 #[derive(Clone, Debug)]
 pub struct PinDir {
     pub root: PathBuf,
+    /// Held while this process works on the pins (see [`PinDir::lock`]).
+    lock: Option<std::sync::Arc<fs::File>>,
 }
 
 impl PinDir {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
+            lock: None,
         }
+    }
+
+    /// Hold the pin directory for as long as this value (or a clone) lives: a second agent on
+    /// the same pins would race this one's swaps and map writes. An exclusive `flock` on the
+    /// directory itself (bpffs takes no regular files), released by the kernel when the
+    /// process dies, `kill -9` included. Another holder is an error naming the directory.
+    pub fn lock(mut self) -> Result<Self, DataPathError> {
+        use std::os::fd::AsRawFd as _;
+        let dir = fs::File::open(&self.root)
+            .map_err(|e| DataPathError::Other(format!("open {}: {e}", self.root.display())))?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(DataPathError::Other(
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    format!(
+                        "{} is in use by another wsguard agent on this node: stop it first, or \
+                         give this one another --pin-dir",
+                        self.root.display()
+                    )
+                } else {
+                    format!("lock {}: {e}", self.root.display())
+                },
+            ));
+        }
+        self.lock = Some(std::sync::Arc::new(dir));
+        Ok(self)
     }
     pub fn maps(&self) -> PathBuf {
         self.root.join(MAPS)

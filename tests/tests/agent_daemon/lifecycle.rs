@@ -201,3 +201,51 @@ fn pin_dir_off_bpffs_refuses_enforce_and_observe_runs_unpinned() -> Result<()> {
     );
     Ok(())
 }
+
+/// A second agent given the same pin directory (its own socket and state) must not touch the
+/// first one's programs and maps: it stops at start, saying why, and the first runs on.
+#[test]
+fn a_second_agent_on_the_same_pins_stops_and_the_first_runs_on() -> Result<()> {
+    let s = AgentLab::new()?;
+    let _first = s.start(&[])?;
+    ban_b2(&s)?;
+    let prog = status_prog_id(&s)?;
+    let other = tempfile::tempdir()?;
+    let (state, socket) = (other.path().join("state"), other.path().join("second.sock"));
+    let pin_dir = s.pin_dir();
+    let args = [
+        "--iface",
+        s.lab.if_a.as_str(),
+        "--pin-dir",
+        pin_dir.to_str().unwrap_or_default(),
+        "--state-dir",
+        state.to_str().unwrap_or_default(),
+        "--socket",
+        socket.to_str().unwrap_or_default(),
+        "--xdp-mode",
+        "generic",
+        "--metrics-addr",
+        "off",
+    ];
+    let log = other.path().join("second.log");
+    let mut second = Agent::start(&s.lab.a, &log, &args)?;
+    let st = second.wait_exit(Duration::from_secs(60))?;
+    let text = second.log_text();
+    ensure!(
+        !st.success(),
+        "a second agent ran on the same pins:\n{text}"
+    );
+    ensure!(
+        text.contains("in use by another wsguard agent"),
+        "no reason given:\n{text}"
+    );
+    ensure!(
+        status_prog_id(&s)? == prog,
+        "the first agent's program changed"
+    );
+    ensure!(
+        s.lab.ping_from(s.lab.ip_b2, 3, "0.2")? == 0,
+        "the first agent's ban no longer enforced"
+    );
+    Ok(())
+}

@@ -339,3 +339,36 @@ fn unbans_allow_entries_and_settings_move_the_generation() -> Result<()> {
     DataPath::detach_all(&o.pin_dir)?;
     Ok(())
 }
+
+/// Two agents on one pin directory would race each other's swaps and writes: the second open
+/// is refused, naming the directory, and changes nothing; once the first is gone it opens.
+#[test]
+fn a_second_open_of_the_same_pins_is_refused_while_the_first_lives() -> Result<()> {
+    let lab = VethLab::new()?;
+    let bpffs = BpfFs::new()?;
+    let o = opts(&bpffs, &[&lab.if_a], 1000);
+    let first = open_in(&lab, &o, OpenHooks::default())?;
+    let before = one_each(&lab)?;
+    let Err(e) = open_in(&lab, &o, OpenHooks::default()) else {
+        bail!("a second open of the same pins succeeded");
+    };
+    let msg = format!("{e:#}");
+    ensure!(
+        msg.contains("in use by another wsguard agent")
+            && msg.contains(&o.pin_dir.display().to_string()),
+        "{msg}"
+    );
+    ensure!(
+        one_each(&lab)? == before,
+        "the refused open changed the attachments"
+    );
+    drop(first);
+    let again = open_in(&lab, &o, OpenHooks::default())?;
+    ensure!(
+        one_each(&lab)? == before,
+        "reopen after the first was dropped"
+    );
+    drop(again);
+    DataPath::detach_all(&o.pin_dir)?;
+    Ok(())
+}
