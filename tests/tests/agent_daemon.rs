@@ -28,6 +28,16 @@ pub fn banned_by_burst(s: &AgentLab) -> Result<Value> {
     ensure!(ban["mode"] == "enforce" && ban["offenses"] == 1, "{ban}");
     ensure!(s.pings(bad)? == 0, "banned source still answered");
     ensure!(s.pings(clean)? == 3, "clean source lost packets");
+    // Its handshakes were never answered: no flow to preserve, so the sweeper turns the ban's
+    // flow lookups off.
+    wsguard_tests::agent::lab::wait_until("the ban's BAN_MAY_PRESERVE cleared", || {
+        let bans: aya::maps::HashMap<_, [u8; 4], wsguard_common::maps::BanValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(
+                aya::maps::MapData::from_pin(s.pin_dir().join("maps/BANS_V4"))?,
+            )?)?;
+        let flags = bans.get(&bad.octets(), 0)?.flags;
+        Ok(flags & wsguard_common::maps::BAN_MAY_PRESERVE == 0)
+    })?;
     Ok(ban)
 }
 

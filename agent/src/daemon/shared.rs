@@ -165,6 +165,14 @@ impl Agent {
                 warn!(addr = %b.cidr, "cannot delete expired ban: {e}");
             }
         }
+        match g.dp.settle_preserve() {
+            Ok(0) => {}
+            Ok(n) => debug!(
+                bans = n,
+                "no flow to preserve: flow lookups off for these bans"
+            ),
+            Err(e) => warn!("cannot settle which bans preserve flows: {e}"),
+        }
         drop(g);
         if !gone.is_empty() {
             info!(count = gone.len(), "bans expired");

@@ -68,17 +68,18 @@ impl DataPath {
             .collect();
         last.reverse();
         let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
-        let flows = match super::preserve::FlowClients::read(&self.maps) {
-            Ok(f) => f,
-            Err(err) => {
-                let unwritten = last.iter().map(|(c, _)| *c).collect();
-                return Err(PutBansError {
-                    unwritten,
-                    err,
-                    stats: WriteStats::default(),
-                });
-            }
-        };
+        let flows =
+            match super::preserve::FlowClients::read(&self.maps, super::preserve::Keep::Live) {
+                Ok(f) => f,
+                Err(err) => {
+                    let unwritten = last.iter().map(|(c, _)| *c).collect();
+                    return Err(PutBansError {
+                        unwritten,
+                        err,
+                        stats: WriteStats::default(),
+                    });
+                }
+            };
         for (c, v) in last {
             let v = flows.flagged(&c, &self.allows.flagged(&c, &v));
             match (c.addr(), c.is_host()) {

@@ -126,6 +126,8 @@ pub struct DataPath {
     prefilter: prefilter::Prefilter,
     /// The allowlist, to decide each ban's `BAN_NOT_ALLOWLISTED` flag.
     allows: allowflag::AllowIndex,
+    /// Bans written by `put_ban` whose `BAN_MAY_PRESERVE` `settle_preserve` has to decide.
+    preserve_pending: std::collections::HashSet<Cidr>,
 }
 
 impl DataPath {
@@ -186,6 +188,7 @@ impl DataPath {
             pending,
             prefilter,
             allows,
+            preserve_pending: std::collections::HashSet::new(),
         };
         dp.reconcile_flags(&bans)?;
         Ok(dp)
@@ -234,7 +237,8 @@ impl DataPath {
             });
         }
         let mut v = self.allows.flagged(cidr, value);
-        v = preserve::FlowClients::read(&self.maps)?.flagged(cidr, &v);
+        // At once; `settle_preserve` clears it unless a flow may be preserved.
+        v.flags |= wsguard_common::maps::BAN_MAY_PRESERVE;
         if let Some(old) = existing {
             // Drops the kernel counts between this read and the write are lost: a handful.
             v.drops = old.drops;
@@ -266,6 +270,7 @@ impl DataPath {
         if existing.is_none() {
             self.ban_entries += 1;
         }
+        self.preserve_pending.insert(*cidr);
         batch::wrote(1);
         Ok(())
     }

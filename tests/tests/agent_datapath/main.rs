@@ -9,5 +9,6 @@
 mod attach;
 mod crash;
 mod layout;
+mod preserve;
 mod support;
 mod upgrade;
