@@ -76,7 +76,8 @@ impl Maps {
     }
 
     /// Make every CPU drop the verdict it holds for a hot banned source at its next packet
-    /// (`CFG_GENERATION`): after a ban is removed or an allowlist entry added.
+    /// (`CFG_GENERATION`): the data path calls it after it removes a ban or adds an allowlist
+    /// entry (a migration filling fresh maps has nothing to announce).
     pub fn bump_generation(&mut self) -> Result<(), DataPathError> {
         let mut cfg = self.config()?;
         cfg.flags = cfg.flags.wrapping_add(CFG_GENERATION_ONE);
@@ -139,13 +140,9 @@ impl Maps {
                 .cidrs_v6
                 .remove(&Key::new(cidr.prefix_len().into(), a.octets())),
         };
-        let removed = optional(r)
+        optional(r)
             .map(|o| o.is_some())
-            .map_err(err("delete a ban"))?;
-        if removed {
-            self.bump_generation()?;
-        }
-        Ok(removed)
+            .map_err(err("delete a ban"))
     }
 
     /// Every ban, at most `limit` per map.
@@ -177,8 +174,7 @@ impl Maps {
         .map_err(|e| match full(&e) {
             true => DataPathError::Other(format!("the allowlist map is full; {cidr} not added")),
             false => DataPathError::Other(format!("add {cidr} to the allowlist: {e}")),
-        })?;
-        self.bump_generation()
+        })
     }
 
     pub fn del_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {

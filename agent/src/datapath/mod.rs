@@ -277,6 +277,7 @@ impl DataPath {
 
     pub fn del_ban(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
         if self.maps.remove_ban(cidr)? {
+            self.maps.bump_generation()?;
             self.ban_entries = self.ban_entries.saturating_sub(1);
             // Only after the delete: the bucket is clean once no ban covers it.
             let mut dirty = Vec::new();
@@ -321,6 +322,7 @@ impl DataPath {
     /// that order: the kernel must never skip the lookup of an entry that exists).
     pub fn put_allow(&mut self, cidr: &Cidr) -> Result<(), DataPathError> {
         self.maps.put_allow(cidr)?;
+        self.maps.bump_generation()?;
         self.allows.add(cidr);
         self.unflag_overlapping(cidr)
     }
