@@ -31,6 +31,9 @@ pub struct BanJson {
     pub expires_at: Option<String>,
     pub dropped_packets: u64,
     pub offenses: u32,
+    /// LAPI's origin and scenario of a `crowdsec` ban; `null` for every other source.
+    pub origin: Option<String>,
+    pub scenario: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,10 +17,18 @@ pub enum BanSource {
     Manual,
     /// `wsguard import`.
     Import,
+    /// A decision pulled from CrowdSec's Local API.
+    Crowdsec,
 }
 
 impl BanSource {
-    pub const ALL: [BanSource; 4] = [Self::Kernel, Self::Log, Self::Manual, Self::Import];
+    pub const ALL: [BanSource; 5] = [
+        Self::Kernel,
+        Self::Log,
+        Self::Manual,
+        Self::Import,
+        Self::Crowdsec,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +36,7 @@ impl BanSource {
             Self::Log => "log",
             Self::Manual => "manual",
             Self::Import => "import",
+            Self::Crowdsec => "crowdsec",
         }
     }
 }
@@ -57,6 +66,8 @@ pub enum AllowSource {
     Config,
     /// `wsguard allow add`.
     Manual,
+    /// A trusted PROXY protocol sender (`proxy_protocol_from`): never banned, never charged.
+    Proxy,
 }
 
 impl AllowSource {
@@ -65,6 +76,7 @@ impl AllowSource {
             Self::Builtin => "builtin",
             Self::Config => "config",
             Self::Manual => "manual",
+            Self::Proxy => "proxy",
         }
     }
 }
@@ -83,6 +95,12 @@ pub struct Ban {
     pub expires_at: Option<OffsetDateTime>,
     /// How many times this source has been banned (1 for the first ban).
     pub offenses: u32,
+    /// For `crowdsec` bans: the LAPI decision's origin (`cscli`, `crowdsec`, `CAPI`, ...).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// For `crowdsec` bans: the LAPI decision's scenario.
+    #[serde(default)]
+    pub scenario: Option<String>,
 }
 
 impl Ban {

@@ -198,6 +198,8 @@ mod tests {
                     created_at: t,
                     expires_at: Some(t + time::Duration::minutes(10)),
                     offenses: 2,
+                    origin: None,
+                    scenario: None,
                 },
                 Ban {
                     cidr: "2001:db8::/64".parse().unwrap(),
@@ -208,6 +210,8 @@ mod tests {
                     created_at: t,
                     expires_at: None,
                     offenses: 1,
+                    origin: None,
+                    scenario: None,
                 },
             ],
             allow: vec![AllowEntry {

@@ -44,6 +44,8 @@ pub fn ban_json(b: &Ban, drops: u64) -> BanJson {
         expires_at: b.expires_at.map(rfc3339),
         dropped_packets: drops,
         offenses: b.offenses,
+        origin: b.origin.clone(),
+        scenario: b.scenario.clone(),
     }
 }
 

@@ -75,6 +75,8 @@ pub fn adopted_ban(cidr: Cidr, v: &BanValue, c: &Clocks) -> Ban {
         created_at: c.wall_of(v.created_ns),
         expires_at: (v.expires_ns != 0).then(|| c.wall_of(v.expires_ns)),
         offenses: 1,
+        origin: None,
+        scenario: None,
     }
 }
 
@@ -182,6 +184,8 @@ mod tests {
             created_at: c.wall,
             expires_at: None,
             offenses: 1,
+            origin: None,
+            scenario: None,
         };
         let v = ban_value(&ban, &c);
         assert_eq!(

@@ -141,7 +141,7 @@ pub struct Offense {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyCounters {
     /// Indexed like `BanSource::ALL`.
-    pub created: [u64; 4],
+    pub created: [u64; BanSource::ALL.len()],
     /// Indexed like `RefuseReason::ALL`.
     pub refused: [u64; 3],
     pub expired: u64,
@@ -161,7 +161,7 @@ pub struct Policy {
     bans: BTreeMap<Cidr, Ban>,
     /// Expiring bans by expiry, so the sweep never walks every ban.
     by_expiry: BTreeSet<(OffsetDateTime, Cidr)>,
-    active: [u64; 4],
+    active: [u64; BanSource::ALL.len()],
     allow: allow::Allowlist,
     offenses: HashMap<Cidr, Offense>,
     breaker: Breaker,
@@ -184,7 +184,7 @@ impl Policy {
             cfg,
             bans: BTreeMap::new(),
             by_expiry: BTreeSet::new(),
-            active: [0; 4],
+            active: [0; BanSource::ALL.len()],
             allow: allow::Allowlist::new(builtin, config),
             offenses: HashMap::new(),
             counters: PolicyCounters::default(),
@@ -309,6 +309,8 @@ impl Policy {
             created_at: now,
             expires_at,
             offenses,
+            origin: None,
+            scenario: None,
         };
         self.counters.created[src_idx(req.source)] += 1;
         self.insert(ban.clone());
@@ -487,7 +489,7 @@ impl Policy {
     }
 
     /// Active bans per source, indexed like `BanSource::ALL`.
-    pub fn active_by_source(&self) -> [u64; 4] {
+    pub fn active_by_source(&self) -> [u64; BanSource::ALL.len()] {
         self.active
     }
 

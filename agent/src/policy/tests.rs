@@ -53,8 +53,8 @@ fn first_ban_gets_ban_ttl_and_counts_created() {
     assert_eq!(a.change, Change::Created);
     assert_eq!(a.ban.expires_at, Some(T0 + secs(600)));
     assert_eq!((a.ban.offenses, a.ban.mode), (1, Mode::Enforce));
-    assert_eq!(p.counters().created, [1, 0, 0, 0]);
-    assert_eq!(p.active_by_source(), [1, 0, 0, 0]);
+    assert_eq!(p.counters().created, [1, 0, 0, 0, 0]);
+    assert_eq!(p.active_by_source(), [1, 0, 0, 0, 0]);
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn permanent_stays_permanent_and_a_ttl_can_become_permanent() {
         (a.change, a.ban.expires_at, a.ban.source),
         (Change::Updated, None, BanSource::Manual)
     );
-    assert_eq!(p.active_by_source(), [0, 0, 2, 0]);
+    assert_eq!(p.active_by_source(), [0, 0, 2, 0, 0]);
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn expire_removes_only_due_bans_and_counts_them() {
     assert_eq!(p.expire(T0 + secs(5)).len(), 1);
     assert_eq!(p.expire(T0 + secs(600))[0].cidr, c("198.51.100.2"));
     assert_eq!((p.len(), p.counters().expired), (1, 2));
-    assert_eq!(p.active_by_source(), [0, 0, 1, 0]);
+    assert_eq!(p.active_by_source(), [0, 0, 1, 0, 0]);
 }
 
 #[test]

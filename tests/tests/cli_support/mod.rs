@@ -221,13 +221,19 @@ pub fn check_ban_json(b: &Value) -> Result<()> {
                 "created_at",
                 "expires_at",
                 "dropped_packets",
-                "offenses"
+                "offenses",
+                "origin",
+                "scenario"
             ]),
         "ban fields: {b}"
     );
     ensure!(!b["addr"].as_str().context("addr")?.contains('/'), "{b}");
     ensure!(b["prefix_len"].is_u64() && b["dropped_packets"].is_u64() && b["offenses"].is_u64());
-    ensure!(["kernel", "log", "manual", "import"].contains(&b["source"].as_str().unwrap_or("")));
+    let source = b["source"].as_str().unwrap_or("");
+    ensure!(["kernel", "log", "manual", "import", "crowdsec"].contains(&source));
+    if source != "crowdsec" {
+        ensure!(b["origin"].is_null() && b["scenario"].is_null(), "{b}");
+    }
     ensure!(["enforce", "observe"].contains(&b["mode"].as_str().unwrap_or("")));
     ensure!(b["hard"].is_boolean() && b["reason"].is_string());
     rfc3339(&b["created_at"])?;
