@@ -25,7 +25,19 @@ pub struct DataPlane {
 impl DataPlane {
     /// Load the embedded object and both programs into the kernel, watching `ports`.
     pub fn load(ports: &[u16]) -> Result<Self> {
-        let mut ebpf = wsguard::bpf::load_unpinned().context("load the embedded object")?;
+        Self::load_sized(ports, &[])
+    }
+
+    /// [`DataPlane::load`] with the named maps created with `max_entries` each (the benchmark
+    /// sizes its reference map like the ban maps).
+    pub fn load_sized(ports: &[u16], max_entries: &[(&str, u32)]) -> Result<Self> {
+        let mut loader = aya::EbpfLoader::new();
+        for (name, n) in max_entries {
+            loader.map_max_entries(name, *n);
+        }
+        let mut ebpf = loader
+            .load(wsguard::bpf::OBJECT)
+            .context("load the embedded object")?;
         let xdp: &mut Xdp = program(&mut ebpf, wsguard_common::maps::programs::XDP)?;
         xdp.load().context("verifier rejected the XDP program")?;
         let tc: &mut SchedClassifier =
@@ -323,6 +335,17 @@ impl DataPlane {
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN ({name})"))?;
         Ok((r.return_value, r.duration))
+    }
+
+    /// A descriptor of a program of the object, loaded on first use (the benchmark runs every
+    /// program it compares, wsguard's and its peers', through one BPF_PROG_TEST_RUN call by fd).
+    pub fn program_fd(&mut self, name: &str) -> Result<aya::programs::ProgramFd> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+        if xdp.fd().is_err() {
+            xdp.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(xdp.fd()?.try_clone()?)
     }
 
     /// Run the TC egress program once on `frame`.

@@ -1,7 +1,8 @@
-//! `cargo xtask bench`: the data-plane benchmark (`tests/src/bin/wsguard-bench.rs`, ratios to
-//! bare programs measured side by side) and the log parsers' throughput (`agent/examples/
-//! logs_bench.rs`, lines per second on one core against issue 7's 200k/s goal), both built in
-//! release mode. They print what they measure; they assert nothing.
+//! `cargo xtask bench`: the data-plane benchmark (`tests/src/bin/wsguard-bench/`: wsguard, a
+//! reference program and xdp-filter side by side, with the bare floors, in one run) and the log
+//! parsers' throughput (`agent/examples/logs_bench.rs`, lines per second on one core against
+//! issue 7's 200k/s goal), both built in release mode. They print what they measure; they
+//! assert nothing.
 
 use anyhow::{Result, bail};
 use std::process::Command;
@@ -15,7 +16,7 @@ pub fn run() -> Result<()> {
     if !bootstrap::is_root() {
         bail!("the benchmark loads BPF programs: run it as root (sudo cargo xtask bench)");
     }
-    bootstrap::run()?;
+    bootstrap::run_with(bootstrap::BENCH_PACKAGES)?;
     sh(Command::new("cargo").current_dir(root()).args([
         "run",
         "--release",

@@ -33,6 +33,8 @@ const LLVM_PACKAGES: &[&str] = &[
 ];
 /// Real peers the integration tests drive.
 pub const LAB_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "nginx", "procps", "util-linux"];
+/// The benchmark's peer (xdp-filter, from xdp-tools) and the namespace it runs in.
+pub const BENCH_PACKAGES: &[&str] = &["iproute2", "xdp-tools"];
 
 /// What a run did, for the summary line.
 #[derive(Default)]

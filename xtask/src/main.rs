@@ -26,7 +26,7 @@ enum Task {
     Test,
     /// Bootstrap, build, and run the lab demo: an attack banned while real clients stay up.
     Demo,
-    /// Data-plane benchmark: ns per packet of each path, as ratios to bare programs (root).
+    /// Data-plane benchmark: wsguard next to a reference program and xdp-filter, in one run (root).
     Bench,
 }
 
