@@ -282,3 +282,89 @@ fn preservation_looks_at_watched_ports_only() {
         (XDP_DROP, Delta::of(&[Counter::Dropped]))
     );
 }
+
+/// The bench's reference program (`wsguard_bench_ref`) lives in the data plane's object, whose
+/// every map an agent load creates: its maps must cost nothing there. The agent resizes only
+/// the ban maps, so they stay at the object's one entry, without preallocation (one hash
+/// bucket), while being of the same kind as the ban maps the bench compares them with.
+#[test]
+fn the_bench_reference_maps_cost_nothing_in_a_plain_load() {
+    use aya::maps::Map;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use wsguard_common::maps::names;
+
+    let dp = DataPlane::load(&[PORT]).expect("load data plane");
+    for (reference, ours) in [
+        ("REF_BANS_V4", names::BANS_V4),
+        ("REF_BANS_V6", names::BANS_V6),
+    ] {
+        let info = |name: &str| match dp.ebpf.map(name) {
+            Some(Map::HashMap(m)) => (m.info().unwrap(), m.fd().as_fd().as_raw_fd()),
+            _ => panic!("{name}: not a hash map of the object"),
+        };
+        let ((r, fd), (o, _)) = (info(reference), info(ours));
+        assert_eq!(r.max_entries(), 1, "{reference}");
+        assert_eq!(
+            (
+                r.map_type().unwrap(),
+                r.map_flags(),
+                r.key_size(),
+                r.value_size()
+            ),
+            (
+                o.map_type().unwrap(),
+                o.map_flags(),
+                o.key_size(),
+                o.value_size()
+            ),
+            "{reference} is not of {ours}'s kind"
+        );
+        const BPF_F_NO_PREALLOC: u32 = 1;
+        assert_eq!(r.map_flags() & BPF_F_NO_PREALLOC, BPF_F_NO_PREALLOC);
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let memlock: u64 = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .expect("memlock in fdinfo")
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(memlock < 4096, "{reference}: {memlock} bytes locked");
+    }
+}
+
+/// The reference drops exactly the sources its map holds, IPv4 and IPv6: a reference that
+/// passed everything would be cheap and prove nothing.
+#[test]
+fn the_bench_reference_drops_what_its_map_holds() {
+    use aya::maps::{HashMap, MapData};
+
+    let mut dp = DataPlane::load_sized(&[PORT], &[("REF_BANS_V4", 16), ("REF_BANS_V6", 16)])
+        .expect("load data plane");
+    {
+        let mut v4: HashMap<&mut MapData, [u8; 4], BanValue> =
+            HashMap::try_from(dp.ebpf.map_mut("REF_BANS_V4").unwrap()).unwrap();
+        v4.insert([198, 18, 50, 1], ban_now(), 0).unwrap();
+    }
+    {
+        let mut v6: HashMap<&mut MapData, [u8; 16], BanValue> =
+            HashMap::try_from(dp.ebpf.map_mut("REF_BANS_V6").unwrap()).unwrap();
+        let a: std::net::Ipv6Addr = "fd00:50::1".parse().unwrap();
+        v6.insert(a.octets(), ban_now(), 0).unwrap();
+    }
+    for (src, want) in [
+        ("198.18.50.1", XDP_DROP),
+        ("198.18.50.2", XDP_PASS),
+        ("fd00:50::1", XDP_DROP),
+        ("fd00:50::2", XDP_PASS),
+    ] {
+        let f = Pkt::tcp(src, 40000, server(src), PORT).syn().build();
+        let (rc, _) = dp.xdp_named("wsguard_bench_ref", &f, 1).unwrap();
+        assert_eq!(rc, want, "{src}");
+    }
+    // Not IP (ARP): passes.
+    let mut arp = [0u8; 42];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let (rc, _) = dp.xdp_named("wsguard_bench_ref", &arp, 1).unwrap();
+    assert_eq!(rc, XDP_PASS);
+}
