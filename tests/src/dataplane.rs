@@ -25,7 +25,8 @@ pub struct DataPlane {
 impl DataPlane {
     /// Load the embedded object and both programs into the kernel, watching `ports`.
     pub fn load(ports: &[u16]) -> Result<Self> {
-        Self::load_sized(ports, &[])
+        let ebpf = wsguard::bpf::load_unpinned().context("load the embedded object")?;
+        Self::with_programs(ebpf, ports)
     }
 
     /// [`DataPlane::load`] with the named maps created with `max_entries` each (the benchmark
@@ -35,9 +36,13 @@ impl DataPlane {
         for (name, n) in max_entries {
             loader.map_max_entries(name, *n);
         }
-        let mut ebpf = loader
+        let ebpf = loader
             .load(wsguard::bpf::OBJECT)
             .context("load the embedded object")?;
+        Self::with_programs(ebpf, ports)
+    }
+
+    fn with_programs(mut ebpf: Ebpf, ports: &[u16]) -> Result<Self> {
         let xdp: &mut Xdp = program(&mut ebpf, wsguard_common::maps::programs::XDP)?;
         xdp.load().context("verifier rejected the XDP program")?;
         let tc: &mut SchedClassifier =
