@@ -151,7 +151,8 @@ impl Link {
 struct Plan {
     adds: Vec<Decision>,
     deletes: Vec<i64>,
-    /// Startup answers: every id it holds, for the sweep.
+    /// Startup answers: every id it holds, for the sweep; `None` also when an element of
+    /// `new` was malformed (what it held cannot be known, so nothing is swept).
     seen: Option<HashSet<i64>>,
     read_at: Ms,
 }
@@ -180,6 +181,11 @@ fn plan(link: &Link, ans: StreamAnswer, startup: bool, read_at: Ms) -> Plan {
             Item::Decision(d) => d,
             Item::Malformed(_) => {
                 c.ignore(Ignored::Malformed);
+                if p.seen.take().is_some() {
+                    warn!(
+                        "a full LAPI answer holds malformed decisions: nothing is swept this time"
+                    );
+                }
                 continue;
             }
         };
