@@ -7,6 +7,10 @@
 //!   (100k decisions are ~16 MB).
 //! - `push_queue` (100000): bans waiting to be published; past it new ones are dropped, counted.
 //! - `insecure_skip_verify` (false): accept any server certificate (test setups only).
+//!
+//! `machine_id` and the file paths may name environment variables as `${NAME}`: one DaemonSet
+//! and one ConfigMap serve every node when each node's credentials are picked by
+//! `${NODE_NAME}` (the Downward API's `spec.nodeName`).
 
 use std::{
     path::{Path, PathBuf},
@@ -113,6 +117,7 @@ fn invalid(key: &'static str, value: impl Into<String>, why: impl ToString) -> C
 
 /// A secret from a file (a mounted Kubernetes Secret): trailing white space and newlines go.
 fn read_secret(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let path = &expand_path(key, path)?;
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| invalid(key, &shown, e))?;
     let t = text.trim();
@@ -125,7 +130,40 @@ fn read_secret(key: &'static str, path: &Path) -> Result<String, ConfigError> {
     Ok(t.to_owned())
 }
 
+/// `${NAME}` replaced by the environment variable; an unset one is an error naming it.
+pub fn expand(key: &'static str, s: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| invalid(key, s, "unclosed ${"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(invalid(key, s, format!("{name:?} is not a variable name")));
+        }
+        let v = std::env::var(name).map_err(|_| {
+            invalid(
+                key,
+                s,
+                format!("the environment variable {name} is not set"),
+            )
+        })?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn expand_path(key: &'static str, p: &Path) -> Result<PathBuf, ConfigError> {
+    Ok(PathBuf::from(expand(key, &p.to_string_lossy())?))
+}
+
 fn readable(key: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let path = &expand_path(key, path)?;
     std::fs::File::open(path).map_err(|e| invalid(key, path.display().to_string(), e))?;
     Ok(path.to_owned())
 }
@@ -347,7 +385,8 @@ impl CrowdsecFile {
                 ));
             }
             (Some(id), pw, pwf) => {
-                let id = id.trim();
+                let id = expand("crowdsec.machine_id", id.trim())?;
+                let id = id.as_str();
                 if id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
                         "crowdsec.machine_id",
@@ -490,6 +529,29 @@ mod tests {
         let e = err(&format!("api_url = \"http://h/\"\napi_key_file = {k:?}"));
         assert!(
             e.contains("crowdsec.api_key_file") && e.contains("empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn environment_variables_in_ids_and_paths() {
+        let d = tempfile::tempdir().unwrap();
+        // SAFETY: this test's own variable, read only below.
+        unsafe { std::env::set_var("WSGUARD_TEST_NODE", "node-7") };
+        std::fs::write(d.path().join("node-7.key"), "k7\n").unwrap();
+        let c = file(&format!(
+            "api_url = \"http://h/\"\napi_key_file = \"{}/${{WSGUARD_TEST_NODE}}.key\"\nmachine_id = \"wsguard-${{WSGUARD_TEST_NODE}}\"\npassword = \"p\"",
+            d.path().display()
+        ))
+        .validate()
+        .unwrap();
+        assert_eq!(c.api_key.as_deref(), Some("k7"));
+        assert_eq!(c.machine.unwrap().id, "wsguard-node-7");
+        let e = err(
+            "api_url = \"http://h/\"\napi_key = \"k\"\nmachine_id = \"${WSGUARD_UNSET_VAR}\"\npassword = \"p\"",
+        );
+        assert!(
+            e.contains("crowdsec.machine_id") && e.contains("WSGUARD_UNSET_VAR is not set"),
             "{e}"
         );
     }
