@@ -32,8 +32,22 @@ pub struct Lapi {
     dir: tempfile::TempDir,
 }
 
-fn config_text(dir: &Path) -> String {
+fn config_text(dir: &Path, tls: Option<&Pki>) -> String {
     let d = dir.display();
+    let (client_tls, server_tls) = match tls {
+        None => (String::new(), String::new()),
+        Some(p) => (
+            "    insecure_skip_verify: true\n".to_owned(),
+            format!(
+                "    tls:\n      cert_file: {}\n      key_file: {}\n      ca_cert_path: {}\n      \
+                 client_verification: VerifyClientCertIfGiven\n      bouncers_allowed_ou: [\"bouncer-ou\"]\n      \
+                 agents_allowed_ou: [\"agent-ou\"]\n",
+                p.server.0.display(),
+                p.server.1.display(),
+                p.ca.display()
+            ),
+        ),
+    };
     format!(
         r#"common:
   daemonize: false
@@ -54,8 +68,9 @@ db_config:
   use_wal: true
 api:
   client:
-    credentials_path: {d}/local_api_credentials.yaml
+{client_tls}    credentials_path: {d}/local_api_credentials.yaml
   server:
+{server_tls}
     log_level: info
     listen_uri: 0.0.0.0:{PORT}
     profiles_path: {d}/profiles.yaml
@@ -78,6 +93,12 @@ on_success: break
 impl Lapi {
     /// Configure and start LAPI inside `ns`; wait until it accepts connections.
     pub fn start(ns: &NetNs) -> Result<Self> {
+        Self::start_with(ns, None)
+    }
+
+    /// Like `start`, serving HTTPS with `tls`'s server certificate and accepting its client
+    /// certificates (OU `bouncer-ou` for bouncers, `agent-ou` for machines).
+    pub fn start_with(ns: &NetNs, tls: Option<&Pki>) -> Result<Self> {
         let which = Command::new("crowdsec").arg("-version").output();
         ensure!(
             which.is_ok(),
@@ -90,7 +111,7 @@ impl Lapi {
         std::fs::write(dir.path().join("simulation.yaml"), "simulation: false\n")?;
         std::fs::write(dir.path().join("profiles.yaml"), PROFILES)?;
         let config = dir.path().join("config.yaml");
-        std::fs::write(&config, config_text(dir.path()))?;
+        std::fs::write(&config, config_text(dir.path(), tls))?;
         let mut lapi = Self {
             proc: None,
             ns_name: ns.name().to_owned(),
@@ -111,7 +132,8 @@ impl Lapi {
         std::fs::write(
             &creds,
             format!(
-                "url: http://127.0.0.1:{PORT}\nlogin: {CLI_MACHINE}\npassword: tests-cscli-password\n"
+                "url: {}://127.0.0.1:{PORT}\nlogin: {CLI_MACHINE}\npassword: tests-cscli-password\n",
+                if tls.is_some() { "https" } else { "http" }
             ),
         )?;
         lapi.spawn(ns)?;
@@ -265,6 +287,115 @@ impl Lapi {
 impl Drop for Lapi {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A test CA and the certificates of a TLS LAPI test, made with openssl (P-256).
+pub struct Pki {
+    pub ca: PathBuf,
+    /// LAPI's certificate and key (SANs: the given addresses and 127.0.0.1).
+    pub server: (PathBuf, PathBuf),
+    /// A bouncer's client certificate and key (OU `bouncer-ou`).
+    pub bouncer: (PathBuf, PathBuf),
+    _dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = run_with_timeout(
+        Command::new("/usr/bin/openssl").current_dir(dir).args(args),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Pki {
+    pub fn new(server_ips: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("wsguard-pki-").tempdir()?;
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wsguard-test-ca",
+        ]);
+        openssl(d, &a)?;
+        let sans: Vec<String> = server_ips
+            .iter()
+            .chain(&["127.0.0.1"])
+            .map(|ip| format!("IP:{ip}"))
+            .collect();
+        let leaf = |name: &str, subj: &str, ext: String| -> Result<(PathBuf, PathBuf)> {
+            std::fs::write(d.join(format!("{name}.ext")), ext)?;
+            let (key, csr, crt, extf) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+                format!("{name}.ext"),
+            );
+            let mut a = vec!["req"];
+            a.extend(ec);
+            a.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
+            openssl(d, &a)?;
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &extf,
+                ],
+            )?;
+            Ok((d.join(crt), d.join(key)))
+        };
+        let server = leaf(
+            "server",
+            "/CN=lapi",
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
+        )?;
+        let bouncer = leaf(
+            "bouncer",
+            "/OU=bouncer-ou/CN=wsguard-tls-bouncer",
+            "extendedKeyUsage=clientAuth\n".into(),
+        )?;
+        Ok(Self {
+            ca: d.join("ca.crt"),
+            server,
+            bouncer,
+            _dir: dir,
+        })
     }
 }
 

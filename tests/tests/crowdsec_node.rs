@@ -12,8 +12,8 @@ use std::{
 use wsguard_tests::{
     agent::{http, wsguard_bin},
     crowdsec::{
-        Lapi,
-        cluster::Cluster,
+        Lapi, Pki,
+        cluster::{Cluster, LAPI_IP_TEXT},
         fake::{Answer, FakeLapi},
         wait_until,
     },
@@ -414,4 +414,77 @@ pub fn import_100k(lapi: &Lapi, extra: &str) -> Result<()> {
     std::fs::write(&f, csv)?;
     lapi.cscli_ok(&["decisions", "import", "-i", &f.display().to_string()])
         .map(drop)
+}
+
+#[test]
+fn tls_client_certificate_and_ca_file() -> Result<()> {
+    let pki = Pki::new(&[LAPI_IP_TEXT])?;
+    let mut c = Cluster::start_with(lab_bins!(), 1, &["p"], Some(&pki))?;
+    c.lapi.add_machine("wsguard-node0", "node-password-123")?;
+    let cfg = format!(
+        "[crowdsec]\napi_url = \"https://{LAPI_IP_TEXT}:8080/\"\nca_file = {:?}\ncert_file = {:?}\n\
+         key_file = {:?}\nupdate_frequency = \"1s\"\ntimeout = \"5s\"\nmachine_id = \"wsguard-node0\"\n\
+         password = \"node-password-123\"\n",
+        pki.ca, pki.bouncer.0, pki.bouncer.1
+    );
+    c.start_agent(0, &cfg, &[])?;
+    let r = (|| {
+        let p = c.peer("p").ip4.to_string();
+        c.lapi
+            .cscli_ok(&["decisions", "add", "--ip", &p, "--duration", "1h"])?;
+        let b = c.agent(0).wait_ban(&p, WAIT)?;
+        ensure!(b["source"] == "crowdsec", "{b}");
+        // LAPI named the certificate's bouncer after its CN.
+        let bouncers = c.lapi.cscli_ok(&["bouncers", "list", "-o", "json"])?;
+        ensure!(
+            bouncers.contains("wsguard-tls-bouncer"),
+            "no TLS bouncer in {bouncers}"
+        );
+        // The machine publishes over the same TLS client.
+        let out = c
+            .agent(0)
+            .cli(&["ban", "add", "198.18.0.99", "--ttl", "1h"])?;
+        ensure!(out.status.success(), "{out:?}");
+        wait_until("published over TLS", WAIT, || {
+            Ok(!c.lapi.decisions_of("198.18.0.99")?.is_empty())
+        })?;
+        Ok(())
+    })();
+    c.check(r)
+}
+
+#[test]
+fn tls_refuses_a_server_the_ca_did_not_sign() -> Result<()> {
+    let pki = Pki::new(&[LAPI_IP_TEXT])?;
+    let other = Pki::new(&[LAPI_IP_TEXT])?;
+    let mut c = Cluster::start_with(lab_bins!(), 1, &["p"], Some(&pki))?;
+    // Trusting another CA: every pull fails (counted), nothing is banned.
+    let cfg = format!(
+        "[crowdsec]\napi_url = \"https://{LAPI_IP_TEXT}:8080/\"\nca_file = {:?}\ncert_file = {:?}\n\
+         key_file = {:?}\nupdate_frequency = \"500ms\"\ntimeout = \"5s\"\n",
+        other.ca, pki.bouncer.0, pki.bouncer.1
+    );
+    c.start_agent(0, &cfg, &[])?;
+    let r = (|| {
+        let p = c.peer("p").ip4.to_string();
+        c.lapi
+            .cscli_ok(&["decisions", "add", "--ip", &p, "--duration", "1h"])?;
+        wait_until("a refused TLS pull counted", WAIT, || {
+            Ok(counter(&metrics(&c)?, "pulls", "unreachable")? >= 2)
+        })?;
+        let st = c.agent(0).status()?;
+        ensure!(st["crowdsec"]["up"] == false, "{st}");
+        ensure!(
+            st["crowdsec"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS")),
+            "{st}"
+        );
+        ensure!(
+            c.agent(0).ban_of(&p)?.is_none(),
+            "banned through an untrusted server"
+        );
+        Ok(())
+    })();
+    c.check(r)
 }

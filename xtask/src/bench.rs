@@ -55,5 +55,7 @@ fn crowdsec() -> Result<()> {
         "--bin",
         "wsguard",
     ]))?;
-    sh(&mut Command::new(root().join("target/release/wsguard-lapi-bench")))
+    sh(&mut Command::new(
+        root().join("target/release/wsguard-lapi-bench"),
+    ))
 }

@@ -148,7 +148,9 @@ fn crowdsec_offline() -> Result<()> {
     if std::fs::metadata(p).is_ok_and(|m| m.len() > 0) {
         return Ok(());
     }
-    println!("writing {CROWDSEC_ONLINE_CREDENTIALS} first: crowdsec must not register with its Central API");
+    println!(
+        "writing {CROWDSEC_ONLINE_CREDENTIALS} first: crowdsec must not register with its Central API"
+    );
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(p.parent().expect("has a parent"))?;
         std::fs::write(

@@ -441,11 +441,18 @@ impl Agent {
     fn lapi_tick(&self, link: &Link) {
         let c = Clocks::now();
         let now = ms(c.wall);
+        // The ledger alone first: walking 100k decisions must not hold up the agent lock.
+        let (pruned, shadowed) = {
+            let mut l = lock(&link.ledger);
+            (l.prune(now), l.shadowed())
+        };
+        if pruned.is_empty() && shadowed.is_empty() {
+            return;
+        }
         let mut g = self.lock();
         let mut l = lock(&link.ledger);
-        let mut touched: HashMap<Cidr, bool> =
-            l.prune(now).into_iter().map(|c| (c, true)).collect();
-        for cidr in l.shadowed() {
+        let mut touched: HashMap<Cidr, bool> = pruned.into_iter().map(|c| (c, true)).collect();
+        for cidr in shadowed {
             let free = g
                 .policy
                 .get(&cidr)

@@ -44,7 +44,10 @@ fn startup_100k(bins: Bins) -> Result<()> {
     let t = Instant::now();
     c.lapi
         .cscli_ok(&["decisions", "import", "-i", &f.display().to_string()])?;
-    println!("crowdsec: cscli decisions import of 100000 decisions: {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "crowdsec: cscli decisions import of 100000 decisions: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let cfg = Lapi::agent_config(&Cluster::lapi_url(), &key, "update_frequency = \"10s\"");
     let t = Instant::now();
     c.start_agent(0, &cfg, &[])?;
@@ -68,13 +71,12 @@ fn startup_100k(bins: Bins) -> Result<()> {
     let applied_ms = log
         .lines()
         .find(|l| l.contains("LAPI full pull applied"))
-        .and_then(|l| l.rsplit("ms").next())
-        .map(|s| {
-            s.chars()
-                .filter(|c| c.is_ascii_digit())
-                .collect::<String>()
+        .map(plain)
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("ms=").map(str::to_owned))
         })
-        .unwrap_or_default();
+        .unwrap_or_else(|| "?".into());
     let lapi = c.lapi.log();
     let answer = lapi
         .lines()
@@ -99,6 +101,21 @@ fn startup_100k(bins: Bins) -> Result<()> {
         max.as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// A log line without the text format's colour escapes.
+fn plain(l: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in l.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }
 
 fn push_100k(bins: Bins) -> Result<()> {
@@ -134,9 +151,14 @@ fn push_100k(bins: Bins) -> Result<()> {
             .and_then(|p| p[1].as_u64())
             .context("no pushes ok")
     };
-    wait_until("100k published", Duration::from_secs(600), || Ok(ok(&c)? >= 100_000))?;
+    wait_until("100k published", Duration::from_secs(600), || {
+        Ok(ok(&c)? >= 100_000)
+    })?;
     let lapi = c.lapi.log();
-    let posts: Vec<&str> = lapi.lines().filter(|l| l.contains("POST /v1/alerts")).collect();
+    let posts: Vec<&str> = lapi
+        .lines()
+        .filter(|l| l.contains("POST /v1/alerts"))
+        .collect();
     println!(
         "crowdsec: wsguard import of 100000 bans: imported in {:.1} s, all accepted by LAPI {:.1} s \
          after the import started ({} POST /v1/alerts)",

@@ -12,6 +12,8 @@ use std::{
 };
 
 use super::{Lapi, PORT};
+
+pub const LAPI_IP_TEXT: &str = "198.18.0.250";
 use crate::{
     lab::{
         BACKEND_ADDR, Bins,
@@ -83,6 +85,16 @@ fn address(ns: &NetNs, host: u8) -> Result<(Ipv4Addr, Ipv6Addr)> {
 impl Cluster {
     /// The network, LAPI, and `nodes` nodes with nginx and the backend (agents separately).
     pub fn start(bins: Bins, nodes: usize, peers: &[&str]) -> Result<Self> {
+        Self::start_with(bins, nodes, peers, None)
+    }
+
+    /// Like `start`, with LAPI on HTTPS (`https://198.18.0.250:8080/`).
+    pub fn start_with(
+        bins: Bins,
+        nodes: usize,
+        peers: &[&str],
+        tls: Option<&super::Pki>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("wsguard-cluster-")
             .tempdir()?;
@@ -100,7 +112,7 @@ impl Cluster {
         let lapi_ns = NetNs::new()?;
         plug(&lapi_ns, &switch, "plapi")?;
         address(&lapi_ns, 250)?;
-        let lapi = Lapi::start(&lapi_ns)?;
+        let lapi = Lapi::start_with(&lapi_ns, tls)?;
         let mut c = Self {
             nodes: Vec::new(),
             peers: Vec::new(),
