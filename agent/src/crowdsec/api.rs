@@ -7,7 +7,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::Mutex;
 
 use super::{
-    config::CrowdsecConfig,
+    config::{CrowdsecConfig, Tls},
     http::{Client, HttpError, query_value},
     model::{Alert, DeleteAnswer, Login, LoginAnswer, StreamAnswer},
 };
@@ -45,7 +45,12 @@ const REFRESH_BEFORE: time::Duration = time::Duration::minutes(5);
 const SMALL_BODY: usize = 1 << 20;
 
 pub struct Lapi {
+    /// The bouncer's client: with the certificate only when it has no API key.
     http: Client,
+    /// The machine's: with the certificate only when it has no password. LAPI checks a
+    /// presented certificate's OU against the role (bouncers vs agents) before anything else,
+    /// so one role's certificate must never reach the other's routes.
+    machine_http: Client,
     cfg: CrowdsecConfig,
     stream_query: String,
     token: Mutex<Option<Token>>,
@@ -61,7 +66,13 @@ fn list(words: &[String]) -> String {
 
 impl Lapi {
     pub fn new(cfg: &CrowdsecConfig) -> Result<Self, String> {
-        let http = Client::new(&cfg.url, &cfg.tls, cfg.timeout)?;
+        let with_cert = |cert: bool| Tls {
+            client: if cert { cfg.tls.client.clone() } else { None },
+            ..cfg.tls.clone()
+        };
+        let http = Client::new(&cfg.url, &with_cert(cfg.api_key.is_none()), cfg.timeout)?;
+        let machine_cert = cfg.machine.as_ref().is_some_and(|m| m.password.is_none());
+        let machine_http = Client::new(&cfg.url, &with_cert(machine_cert), cfg.timeout)?;
         let mut q = format!("&scopes={}", list(&cfg.scopes));
         for (k, v) in [
             ("origins", &cfg.origins),
@@ -74,6 +85,7 @@ impl Lapi {
         }
         Ok(Self {
             http,
+            machine_http,
             cfg: cfg.clone(),
             stream_query: q,
             token: Mutex::new(None),
@@ -126,7 +138,7 @@ impl Lapi {
         })
         .unwrap_or_default();
         let r = self
-            .http
+            .machine_http
             .request(
                 Method::POST,
                 "/v1/watchers/login",
@@ -155,7 +167,7 @@ impl Lapi {
             if tok.expires > now {
                 let auth = format!("Bearer {}", tok.jwt);
                 let r = self
-                    .http
+                    .machine_http
                     .request(
                         Method::GET,
                         "/v1/refresh_token",
@@ -190,7 +202,7 @@ impl Lapi {
         for attempt in 0..2 {
             let auth = format!("Bearer {}", self.jwt().await?);
             let r = self
-                .http
+                .machine_http
                 .request(
                     method.clone(),
                     path,

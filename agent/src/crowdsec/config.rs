@@ -415,6 +415,15 @@ impl CrowdsecFile {
                 })
             }
         };
+        if api_key.is_none() && machine.as_ref().is_some_and(|m| m.password.is_none()) {
+            // LAPI checks a certificate's OU against one role: bouncers or agents.
+            return Err(invalid(
+                "crowdsec.password",
+                "",
+                "the certificate can serve the bouncer or the machine, not both: give api_key \
+                 for the bouncer or a password for the machine",
+            ));
+        }
         let push = match (self.push, &machine) {
             (Some(true), None) => {
                 return Err(invalid(
