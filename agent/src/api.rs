@@ -161,6 +161,9 @@ pub struct StatusJson {
     /// Beyond PRODUCT.md's fields: log detection, only when the agent has `[logs]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<LogsStatusJson>,
+    /// CrowdSec LAPI (issue 13), only when the agent has `[crowdsec]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crowdsec: Option<crate::crowdsec::CrowdsecStatusJson>,
 }
 
 /// Log detection in `status` (issue 7): present only when the agent has `[logs]`.
@@ -241,12 +244,25 @@ pub struct AllowAddRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveRequest {
     pub addrs: Vec<String>,
+    /// `ban rm --local`: do not delete the decisions in CrowdSec LAPI.
+    #[serde(default)]
+    pub local: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveResponse {
     pub removed: Vec<String>,
     pub missing: Vec<String>,
+    /// `ban rm` with `[crowdsec]`: addresses whose LAPI decisions were deleted (lifted on
+    /// every node), with how many.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lapi_deleted: Vec<(String, u64)>,
+    /// LAPI could not be reached: the deletion is queued and retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lapi_queued: Vec<String>,
+    /// Bans from LAPI lifted on this node only (`--local`, or no machine credentials).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lapi_kept: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +361,9 @@ pub struct MetricsSnapshot {
     pub netlink_fallbacks: u64,
     /// The circuit breaker switched automatic bans to observe.
     pub breaker_open: bool,
+    /// CrowdSec LAPI counters, only with `[crowdsec]`.
+    #[serde(default)]
+    pub crowdsec: Option<crate::crowdsec::CrowdsecMetrics>,
 }
 
 /// What the API server asks of the agent. The server authenticates the peer (SO_PEERCRED)

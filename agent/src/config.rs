@@ -12,6 +12,7 @@
 //! - `[logs]` (config file only): log sources and rules for TLS-terminated traffic, see
 //!   `crate::logs::config`; its rules default to `threshold`, `window` and `ws_path`, its
 //!   offsets live in `<state_dir>/logs`.
+//! - `[crowdsec]` (config file only): CrowdSec LAPI, see `crate::crowdsec::config`.
 
 use std::{
     net::SocketAddr,
@@ -130,6 +131,8 @@ pub struct FileConfig {
     pub offense_memory: Option<String>,
     /// `[logs]`: log sources and rules (issue 7, `crate::logs::config`).
     pub logs: Option<crate::logs::LogsFile>,
+    /// `[crowdsec]`: CrowdSec LAPI (issue 13, `crate::crowdsec::config`).
+    pub crowdsec: Option<crate::crowdsec::CrowdsecFile>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -158,6 +161,8 @@ pub struct AgentConfig {
     pub offense_memory: Duration,
     /// `None`: no `[logs]` table, no log detection.
     pub logs: Option<crate::logs::LogsConfig>,
+    /// `None`: no `[crowdsec]` table.
+    pub crowdsec: Option<crate::crowdsec::CrowdsecConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -346,6 +351,8 @@ impl AgentConfig {
             })?),
         };
 
+        let crowdsec = file.crowdsec.as_ref().map(|c| c.validate()).transpose()?;
+
         Ok(Self {
             interfaces,
             xdp_mode: args.xdp_mode.or(file.xdp_mode).unwrap_or(XdpMode::Auto),
@@ -371,6 +378,7 @@ impl AgentConfig {
             breaker,
             offense_memory,
             logs,
+            crowdsec,
         })
     }
 }

@@ -7,6 +7,7 @@
 
 mod backend;
 mod kernel;
+mod lapi;
 mod logs;
 mod shared;
 mod startup;
@@ -69,13 +70,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let lapi = match &cfg.crowdsec {
+        Some(c) => Some(std::sync::Arc::new(lapi::Link::new(c, &cfg.state_dir)?)),
+        None => None,
+    };
     let inner = startup::open(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(Arc::new(Agent::new(cfg, inner)), logs))
+    let agent = Arc::new(Agent::new(cfg, inner));
+    if let Some(l) = lapi {
+        let _ = agent.lapi.set(l);
+    }
+    rt.block_on(serve(agent, logs))
 }
 
 fn init_tracing(format: LogFormat) {
@@ -103,6 +112,7 @@ async fn serve(agent: Arc<Agent>, logs: Option<Logs>) -> anyhow::Result<()> {
         agent.set_logs(h);
         tasks.push(tokio::spawn(log_events(agent.clone(), rx)));
     }
+    tasks.extend(lapi::spawn(&agent));
     let (api_watch, api) = start_api(&agent, backend.clone()).await?;
     tasks.push(api_watch);
     if let Some(addr) = agent.cfg.metrics_addr {
@@ -216,6 +226,9 @@ async fn log_events(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver<LogEv
 }
 
 fn shutdown(agent: &Agent) -> anyhow::Result<()> {
+    if let Some(l) = agent.lapi.get() {
+        l.save();
+    }
     let saved = agent.save_state_at_exit();
     if let Err(e) = &saved {
         error!("cannot write the state file on exit: {e}");

@@ -5,6 +5,7 @@ pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod crowdsec;
 pub mod daemon;
 pub mod datapath;
 pub mod duration;

@@ -217,6 +217,9 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         MetricType::Gauge,
         u64::from(m.breaker_open),
     )?;
+    if let Some(c) = &m.crowdsec {
+        encode_crowdsec(c, enc)?;
+    }
     family(
         enc,
         "wsguard_build_info",
@@ -224,6 +227,80 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         MetricType::Gauge,
         "version",
         &[(env!("CARGO_PKG_VERSION"), 1)],
+    )
+}
+
+/// `[crowdsec]` (issue 13). Beyond PRODUCT.md's three: why decisions were refused or ignored,
+/// pulls by result, the last pull's duration, the push queue.
+fn encode_crowdsec(
+    c: &crate::crowdsec::CrowdsecMetrics,
+    enc: &mut DescriptorEncoder,
+) -> Result<(), fmt::Error> {
+    let pairs = |v: &[(String, u64)]| -> Vec<(String, u64)> { v.to_vec() };
+    let fam = |enc: &mut DescriptorEncoder,
+               name: &str,
+               help: &str,
+               label: &'static str,
+               v: &[(String, u64)]|
+     -> Result<(), fmt::Error> {
+        let v: Vec<(&str, u64)> = v.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        family(enc, name, help, MetricType::Counter, label, &v)
+    };
+    single(
+        enc,
+        "wsguard_crowdsec_up",
+        "1 while the last pull from CrowdSec LAPI succeeded.",
+        MetricType::Gauge,
+        u64::from(c.up),
+    )?;
+    fam(
+        enc,
+        "wsguard_crowdsec_decisions",
+        "LAPI decisions by what happened to them on this node.",
+        "action",
+        &pairs(&c.decisions),
+    )?;
+    fam(
+        enc,
+        "wsguard_crowdsec_decisions_refused",
+        "LAPI decisions refused on this node, by reason (the allowlist wins; the ban map is full).",
+        "reason",
+        &c.refused,
+    )?;
+    fam(
+        enc,
+        "wsguard_crowdsec_decisions_ignored",
+        "LAPI decisions wsguard cannot enforce, by reason.",
+        "reason",
+        &c.ignored,
+    )?;
+    fam(
+        enc,
+        "wsguard_crowdsec_pulls",
+        "Pulls from LAPI's decision stream, by result.",
+        "result",
+        &c.pulls,
+    )?;
+    fam(
+        enc,
+        "wsguard_crowdsec_pushes",
+        "Bans published to LAPI (ok), failed attempts (retried), dropped from a full queue.",
+        "result",
+        &c.pushes,
+    )?;
+    let me = enc.encode_descriptor(
+        "wsguard_crowdsec_pull_duration_seconds",
+        "How long the last pull from LAPI took, answer applied.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(c.last_pull_ms as f64 / 1000.0).encode(me)?;
+    single(
+        enc,
+        "wsguard_crowdsec_push_queue",
+        "Bans and deletions waiting to be sent to LAPI.",
+        MetricType::Gauge,
+        c.push_queue,
     )
 }
 
@@ -288,6 +365,7 @@ mod tests {
             ("rate_limited".into(), 1),
         ];
         snap.breaker_open = true;
+        snap.crowdsec = Some(crate::crowdsec::Counters::default().metrics(4));
         let mut enc_text = String::new();
         let mut reg = Registry::default();
         reg.register_collector(Box::new(Fixed(snap)));
@@ -304,6 +382,14 @@ mod tests {
             "wsguard_events_lost_total 0",
             "wsguard_xdp_netlink_fallback 0",
             "wsguard_circuit_breaker_open 1",
+            "wsguard_crowdsec_up 0",
+            "wsguard_crowdsec_decisions_total{action=\"refused\"} 0",
+            "wsguard_crowdsec_decisions_ignored_total{reason=\"duration\"} 0",
+            "wsguard_crowdsec_decisions_refused_total{reason=\"allowlisted\"} 0",
+            "wsguard_crowdsec_pulls_total{result=\"too_large\"} 0",
+            "wsguard_crowdsec_pushes_total{result=\"dropped\"} 0",
+            "wsguard_crowdsec_pull_duration_seconds 0",
+            "wsguard_crowdsec_push_queue 4",
             "wsguard_build_info{version=\"",
         ] {
             assert!(enc_text.contains(line), "missing {line} in\n{enc_text}");

@@ -29,7 +29,10 @@ pub fn wsguard_bin() -> Result<PathBuf> {
         .get_or_init(|| {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            // Without the test's CARGO_MANIFEST_DIR: ring's build script reruns when it
+            // changes, and the next `cargo test` would rebuild ring, rustls and the agent.
             let st = Command::new(cargo)
+                .env_remove("CARGO_MANIFEST_DIR")
                 .args(["build", "-q", "-p", "wsguard", "--bin", "wsguard"])
                 .current_dir(&root)
                 .status()

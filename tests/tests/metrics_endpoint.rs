@@ -270,13 +270,13 @@ fn metrics_health_and_readiness() -> Result<()> {
             "wsguard_bans_active",
             "gauge",
             "source",
-            &["kernel", "log", "manual", "import"],
+            &["kernel", "log", "manual", "import", "crowdsec"],
         ),
         (
             "wsguard_bans_created_total",
             "counter",
             "source",
-            &["kernel", "log", "manual", "import"],
+            &["kernel", "log", "manual", "import", "crowdsec"],
         ),
         (
             "wsguard_bans_refused_total",
@@ -368,4 +368,121 @@ fn the_exposition_parser_rejects_malformed_text() {
     ] {
         assert!(parse(bad).is_err(), "accepted {bad:?}");
     }
+}
+
+/// With `[crowdsec]` (issue 13): PRODUCT.md's LAPI metrics and the ones beyond them, in the
+/// same strict text format; an unreachable LAPI shows as down and counted.
+#[test]
+fn crowdsec_metrics_with_an_unreachable_lapi() -> Result<()> {
+    let lab = VethLab::new()?;
+    let bpffs = BpfFs::new()?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[crowdsec]\napi_url = \"http://127.0.0.1:1/\"\napi_key = \"k\"\n\
+         update_frequency = \"200ms\"\ntimeout = \"500ms\"\n",
+    )?;
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_owned();
+    let metrics_addr = format!("{}:{PORT}", lab.ip_a);
+    let mut agent = Agent::start(
+        &lab.a,
+        &dir.path().join("agent.log"),
+        &[
+            "--config",
+            &p(&cfg),
+            "--iface",
+            &lab.if_a,
+            "--xdp-mode",
+            "generic",
+            "--pin-dir",
+            &p(&bpffs.path().join("wsguard")),
+            "--state-dir",
+            &p(&dir.path().join("state")),
+            "--socket",
+            &p(&dir.path().join("wsguard.sock")),
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+    )?;
+    agent.wait_log(" ready", 1, Duration::from_secs(30))?;
+    let end = Instant::now() + Duration::from_secs(20);
+    let fams = loop {
+        if let Ok((200, _, text)) = http_get(&lab, "/metrics") {
+            let fams = parse(&text).with_context(|| text.clone())?;
+            if value(&fams, "wsguard_crowdsec_pulls_total", "result=unreachable")
+                .is_some_and(|v| v >= 2.0)
+            {
+                break fams;
+            }
+        }
+        ensure!(Instant::now() < end, "no failed pull counted");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for (series, kind, label, values) in [
+        ("wsguard_crowdsec_up", "gauge", "", &[][..]),
+        (
+            "wsguard_crowdsec_decisions_total",
+            "counter",
+            "action",
+            &["added", "deleted", "refused", "ignored"][..],
+        ),
+        (
+            "wsguard_crowdsec_pushes_total",
+            "counter",
+            "result",
+            &["ok", "failed", "dropped"][..],
+        ),
+        (
+            "wsguard_crowdsec_decisions_refused_total",
+            "counter",
+            "reason",
+            &["allowlisted", "full"][..],
+        ),
+        (
+            "wsguard_crowdsec_decisions_ignored_total",
+            "counter",
+            "reason",
+            &[
+                "malformed",
+                "type",
+                "scope",
+                "value",
+                "duration",
+                "expired",
+                "removed_locally",
+            ][..],
+        ),
+        (
+            "wsguard_crowdsec_pull_duration_seconds",
+            "gauge",
+            "",
+            &[][..],
+        ),
+        ("wsguard_crowdsec_push_queue", "gauge", "", &[][..]),
+    ] {
+        let fam = fams
+            .get(series)
+            .or_else(|| fams.get(series.strip_suffix("_total").unwrap_or(series)))
+            .with_context(|| format!("no family for {series}"))?;
+        ensure!(fam.kind == kind, "{series}: type {} not {kind}", fam.kind);
+        let got: BTreeSet<String> = fam
+            .samples
+            .keys()
+            .filter_map(|k| k.strip_prefix(&format!("{series}|")))
+            .map(str::to_owned)
+            .collect();
+        let need: BTreeSet<String> = if label.is_empty() {
+            BTreeSet::from([String::new()])
+        } else {
+            values.iter().map(|v| format!("{label}={v}")).collect()
+        };
+        ensure!(got == need, "{series}: labels {got:?}, want {need:?}");
+    }
+    ensure!(
+        value(&fams, "wsguard_crowdsec_up", "") == Some(0.0),
+        "LAPI is not shown down"
+    );
+    agent.stop()?;
+    Ok(())
 }

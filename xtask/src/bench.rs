@@ -35,5 +35,28 @@ pub fn run() -> Result<()> {
         "wsguard",
         "--example",
         "logs_bench",
-    ]))
+    ]))?;
+    crowdsec()
+}
+
+/// Issue 13: a real LAPI, 100k decisions at startup and 100k bans published
+/// (`tests/src/bin/wsguard-lapi-bench.rs`, next to the release lab binaries it drives).
+fn crowdsec() -> Result<()> {
+    println!("\nCrowdSec LAPI: 100k decisions at startup, 100k bans published:");
+    bootstrap::run_with(bootstrap::LAB_PACKAGES)?;
+    sh(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "wsguard-tests",
+        "--bins",
+        "-p",
+        "wsguard",
+        "--bin",
+        "wsguard",
+    ]))?;
+    sh(&mut Command::new(
+        root().join("target/release/wsguard-lapi-bench"),
+    ))
 }

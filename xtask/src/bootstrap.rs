@@ -31,8 +31,20 @@ const LLVM_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Real peers the integration tests drive.
-pub const LAB_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "nginx", "procps", "util-linux"];
+/// Real peers the integration tests drive. `crowdsec` is the real LAPI of issue 13's tests
+/// (each test runs its own, see `tests/src/crowdsec.rs`).
+pub const LAB_PACKAGES: &[&str] = &[
+    "crowdsec",
+    "iproute2",
+    "iputils-ping",
+    "nginx",
+    "procps",
+    "util-linux",
+];
+/// Debian's crowdsec registers with CrowdSec's Central API in its postinst unless this file
+/// exists and is not empty; offline that registration fails and leaves dpkg broken for every
+/// later apt call. The tests never use the Central API.
+const CROWDSEC_ONLINE_CREDENTIALS: &str = "/etc/crowdsec/online_api_credentials.yaml";
 /// The benchmark's peer (xdp-filter, from xdp-tools) and the namespace it runs in.
 pub const BENCH_PACKAGES: &[&str] = &["iproute2", "xdp-tools"];
 
@@ -106,6 +118,9 @@ fn apt_packages<'a>(wanted: impl Iterator<Item = &'a str>, report: &mut Report) 
         return Ok(());
     }
     println!("missing Debian packages: {}", missing.join(" "));
+    if missing.contains(&"crowdsec") && is_root() {
+        crowdsec_offline()?;
+    }
     if !is_root() {
         bail!(
             "cannot install {} without root; run: sudo apt-get update && sudo apt-get install -y {}",
@@ -127,6 +142,28 @@ fn apt_packages<'a>(wanted: impl Iterator<Item = &'a str>, report: &mut Report) 
         .installed
         .extend(missing.iter().map(|s| s.to_string()));
     Ok(())
+}
+
+/// Keep crowdsec's postinst offline (see [`CROWDSEC_ONLINE_CREDENTIALS`]).
+fn crowdsec_offline() -> Result<()> {
+    let p = std::path::Path::new(CROWDSEC_ONLINE_CREDENTIALS);
+    if std::fs::metadata(p).is_ok_and(|m| m.len() > 0) {
+        return Ok(());
+    }
+    println!(
+        "writing {CROWDSEC_ONLINE_CREDENTIALS} first: crowdsec must not register with its Central API"
+    );
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+        std::fs::write(
+            p,
+            "# Written by wsguard's bootstrap: no Central API (the tests run their own LAPI).\n\
+             url: http://127.0.0.1:0/\n\
+             login: none\n\
+             password: none\n",
+        )
+    };
+    write().map_err(|e| anyhow::anyhow!("cannot write {CROWDSEC_ONLINE_CREDENTIALS}: {e}"))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

@@ -67,6 +67,7 @@ pub fn run(cmd: AllowCmd, g: &Global) -> Result<()> {
             let cidrs = parse_addrs(&a.cidrs)?;
             let req = RemoveRequest {
                 addrs: cidrs.iter().map(ToString::to_string).collect(),
+                local: false,
             };
             let r: RemoveResponse = c.delete("/v1/allow", &req)?;
             report_removed(&r, g, "on the allowlist", a.ignore_missing)

@@ -69,6 +69,10 @@ pub struct RmArgs {
     /// Exit 0 even if some of the addresses were not banned.
     #[arg(long)]
     pub ignore_missing: bool,
+    /// With CrowdSec LAPI: lift the ban on this node only; LAPI's decision stays (and so do
+    /// the other nodes' bans). Without it the decision is deleted in LAPI too.
+    #[arg(long)]
+    pub local: bool,
 }
 
 #[derive(Debug, Args)]
@@ -166,9 +170,38 @@ fn rm(a: RmArgs, g: &Global) -> Result<()> {
     let cidrs = parse_addrs(&a.addrs)?;
     let req = RemoveRequest {
         addrs: cidrs.iter().map(ToString::to_string).collect(),
+        local: a.local,
     };
     let r: RemoveResponse = Client::new(&g.socket).delete("/v1/bans", &req)?;
-    report_removed(&r, g, "banned", a.ignore_missing)
+    let res = report_removed(&r, g, "banned", a.ignore_missing);
+    if g.output != Output::Json {
+        let mut out = std::io::stdout().lock();
+        for (addr, n) in &r.lapi_deleted {
+            writeln!(
+                out,
+                "deleted {addr} in CrowdSec LAPI ({n} decision{}): lifted on every node",
+                if *n == 1 { "" } else { "s" }
+            )?;
+        }
+        for addr in &r.lapi_queued {
+            writeln!(
+                out,
+                "CrowdSec LAPI unreachable: deleting {addr} there is queued and retried"
+            )?;
+        }
+        for addr in &r.lapi_kept {
+            let why = if a.local {
+                "--local"
+            } else {
+                "no machine credentials in [crowdsec]"
+            };
+            writeln!(
+                out,
+                "{addr} lifted on this node only ({why}): CrowdSec LAPI still holds its decision"
+            )?;
+        }
+    }
+    res
 }
 
 /// Print what was removed and what was not there; missing entries fail unless ignored.

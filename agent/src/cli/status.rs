@@ -58,6 +58,32 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
         thousands(s.ban_map.entries),
         thousands(s.ban_map.capacity)
     )?;
+    if let Some(cs) = &s.crowdsec {
+        let state = if cs.up {
+            term::paint_stdout("up", term::GREEN)
+        } else {
+            term::paint_stdout("DOWN", term::RED)
+        };
+        writeln!(out, "crowdsec  {} {state}", cs.url)?;
+        writeln!(
+            out,
+            "          {} bans from LAPI ({} decisions tracked); last pull {}",
+            thousands(cs.decisions_enforced),
+            thousands(cs.decisions_tracked),
+            cs.last_pull.as_deref().unwrap_or("never")
+        )?;
+        if cs.push {
+            writeln!(
+                out,
+                "          publishing this node's bans: last push {}, {} queued",
+                cs.last_push.as_deref().unwrap_or("never"),
+                thousands(cs.push_queue)
+            )?;
+        }
+        if let Some(e) = &cs.last_error {
+            writeln!(out, "          last error: {e}")?;
+        }
+    }
     writeln!(out)?;
     let rows: Vec<Vec<String>> = s
         .interfaces
@@ -111,6 +137,16 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
     }
     if let Some(logs) = &s.logs {
         warnings.extend(log_warnings(logs));
+    }
+    if let Some(cs) = s.crowdsec.as_ref().filter(|c| !c.up) {
+        warnings.push(format!(
+            "CrowdSec LAPI {} is down{}: every ban stays enforced; retrying, then a full resync",
+            cs.url,
+            cs.down_since
+                .as_deref()
+                .map(|t| format!(" since {t}"))
+                .unwrap_or_default()
+        ));
     }
     if !warnings.is_empty() {
         writeln!(out)?;

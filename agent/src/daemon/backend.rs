@@ -150,6 +150,12 @@ impl Agent {
         };
         drop(g);
         self.mark_dirty();
+        let changed: Vec<Ban> = applied
+            .iter()
+            .filter(|a| a.change != Change::Unchanged)
+            .map(|a| a.ban.clone())
+            .collect();
+        self.lapi_publish(&changed);
         match err {
             Some(e) => Err(e),
             None => Ok((applied.into_iter().map(|a| a.ban).collect(), stats)),
@@ -208,6 +214,9 @@ impl Backend for Agent {
     }
 
     fn ban_rm(&self, req: RemoveRequest) -> Result<RemoveResponse, ApiError> {
+        if let Some(link) = self.lapi().cloned() {
+            return self.lapi_ban_rm(&link, parse_all(&req.addrs)?, req.local);
+        }
         self.remove(&req.addrs, |c| Ok(self.lock().remove_ban(c).is_some()))
     }
 
@@ -417,6 +426,7 @@ impl Backend for Agent {
     fn status(&self) -> Result<StatusJson, ApiError> {
         // Before the agent lock: logs_view takes it itself.
         let logs = self.logs_view().map(|v| v.status_json());
+        let crowdsec = self.lapi_status();
         let g = self.lock();
         Ok(StatusJson {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -429,6 +439,7 @@ impl Backend for Agent {
                 capacity: u64::from(self.cfg.max_bans),
             },
             logs,
+            crowdsec,
         })
     }
 
@@ -518,6 +529,11 @@ impl Backend for Agent {
             ban_map_capacity: u64::from(self.cfg.max_bans),
             netlink_fallbacks: fallbacks as u64,
             breaker_open: p.breaker_open(OffsetDateTime::now_utc()),
+            crowdsec: None,
+        })
+        .map(|mut m| {
+            m.crowdsec = self.lapi_metrics();
+            m
         })
     }
 

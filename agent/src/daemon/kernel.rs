@@ -58,6 +58,9 @@ pub fn ban_value(ban: &Ban, c: &Clocks) -> BanValue {
     }
 }
 
+/// The reason of a ban [`adopted_ban`] made.
+pub const ADOPTED_REASON: &str = "adopted from pinned maps";
+
 /// A ban found in the pinned maps with nothing known about it: the kernel does not record the
 /// source, so it is adopted as `manual` (an operator can see and remove it) with a reason
 /// that says where it came from.
@@ -65,7 +68,7 @@ pub fn adopted_ban(cidr: Cidr, v: &BanValue, c: &Clocks) -> Ban {
     Ban {
         cidr,
         source: BanSource::Manual,
-        reason: "adopted from pinned maps".into(),
+        reason: ADOPTED_REASON.into(),
         mode: if v.flags & BAN_OBSERVE != 0 {
             Mode::Observe
         } else {

@@ -46,6 +46,8 @@ pub struct Agent {
     written: Mutex<Written>,
     /// The running log sources (`[logs]`), once started.
     pub(super) logs: Mutex<Option<LogsHandle>>,
+    /// CrowdSec LAPI (`[crowdsec]`), set once before the tasks start.
+    pub(super) lapi: std::sync::OnceLock<std::sync::Arc<super::lapi::Link>>,
 }
 
 pub struct Inner {
@@ -81,6 +83,7 @@ impl Agent {
             abandon_below: AtomicU64::new(0),
             written: Mutex::new(Written::default()),
             logs: Mutex::new(None),
+            lapi: std::sync::OnceLock::new(),
         }
     }
 
@@ -143,8 +146,12 @@ impl Agent {
                     .map(|e| duration::human((e - b.created_at).unsigned_abs()));
                 info!(addr = %cidr, source = b.source.as_str(), mode = b.mode.as_str(), ttl = ttl.as_deref().unwrap_or("permanent"), offenses = b.offenses, reason = %b.reason, "banned");
                 self.mark_dirty();
+                self.lapi_publish(std::slice::from_ref(b));
             }
-            Ok(a) if a.change == Change::Updated => self.mark_dirty(),
+            Ok(a) if a.change == Change::Updated => {
+                self.mark_dirty();
+                self.lapi_publish(std::slice::from_ref(&a.ban));
+            }
             Ok(_) => {}
             // A storm refuses thousands: the metric counts them, the log says it once (above).
             Err(BanError::Refused(r)) if r.reason() == RefuseReason::RateLimited => {

@@ -16,12 +16,14 @@
 
 mod allow;
 mod breaker;
+mod lapi;
 mod page;
 #[cfg(test)]
 mod tests;
 
 pub use allow::{AllowError, builtin_ranges};
 pub use breaker::{Breaker, BreakerConfig, Gate};
+pub use lapi::LapiChange;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

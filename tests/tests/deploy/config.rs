@@ -31,9 +31,10 @@ fn product_config_keys() -> BTreeSet<String> {
 
 /// What the agent runs with, given `text` as its config file and the DaemonSet's args (only
 /// `--config`). The interface is the default route's, which a test cannot know: "eth0".
-fn agent_config(text: &str, what: &str) -> AgentConfig {
+pub fn agent_config(text: &str, what: &str) -> AgentConfig {
+    let text = crate::crowdsec::with_node_credentials(text);
     let file =
-        FileConfig::parse(text).unwrap_or_else(|e| panic!("{what}: the agent rejects it: {e}"));
+        FileConfig::parse(&text).unwrap_or_else(|e| panic!("{what}: the agent rejects it: {e}"));
     merged(&file, what)
 }
 

@@ -12,7 +12,12 @@ use std::{
 };
 
 /// The kustomizations an operator applies; every directory under overlays/ must be listed.
-pub const VARIANTS: &[&str] = &["base", "overlays/cloud-lb", "overlays/log-detection"];
+pub const VARIANTS: &[&str] = &[
+    "base",
+    "overlays/cloud-lb",
+    "overlays/crowdsec",
+    "overlays/log-detection",
+];
 pub const METRICS_PORT: u64 = 9477;
 
 pub fn root() -> PathBuf {

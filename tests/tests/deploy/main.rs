@@ -7,6 +7,7 @@
 
 mod caps;
 mod config;
+mod crowdsec;
 mod dashboard;
 mod image;
 mod kube;
