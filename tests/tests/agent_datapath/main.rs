@@ -10,5 +10,6 @@ mod attach;
 mod crash;
 mod layout;
 mod preserve;
+mod proxy;
 mod support;
 mod upgrade;
