@@ -16,7 +16,10 @@ use wsguard_common::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 pub const TC_ACT_OK: u32 = 0;
+
+mod proxy;
 
 pub struct DataPlane {
     pub ebpf: Ebpf,
@@ -474,10 +477,24 @@ pub fn counter_name(index: u32) -> String {
         "HsIgnored",
         "UpstreamErrors",
     ];
+    const PROXY: [&str; 10] = [
+        "ProxyV1Client",
+        "ProxyV1Local",
+        "ProxyV1Malformed",
+        "ProxyV1Untrusted",
+        "ProxyV2Client",
+        "ProxyV2Local",
+        "ProxyV2Malformed",
+        "ProxyV2Untrusted",
+        "ProxyMissing",
+        "Reset",
+    ];
     let reason0 = Counter::BadReason0 as u32;
+    let proxy0 = Counter::ProxyV1Client as u32;
     match index {
         i if (i as usize) < NAMES.len() => NAMES[i as usize].to_owned(),
         i if i == Counter::EventsLost as u32 => "EventsLost".to_owned(),
+        i if (proxy0..COUNTERS_LEN).contains(&i) => PROXY[(i - proxy0) as usize].to_owned(),
         i => match wsguard_common::BadReason::from_u8((i - reason0) as u8) {
             Some(r) => format!("bad:{}", r.as_str()),
             None => format!("counter#{i}"),

@@ -66,6 +66,12 @@ pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Result<*const T, Unparsed> {
     Ok((start + off) as *const T)
 }
 
+/// As [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &impl Packet, off: usize) -> Result<*mut T, Unparsed> {
+    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+}
+
 #[inline(always)]
 fn read<T: Copy>(ctx: &impl Packet, off: usize) -> Result<T, Unparsed> {
     // SAFETY: ptr_at checked that the whole T lies inside the packet; unaligned because packet
@@ -92,6 +98,8 @@ fn l2(ctx: &impl Packet) -> Result<(u16, usize), Unparsed> {
 /// clean path copies nothing before the ban lookup.
 pub struct L3 {
     pub v6: bool,
+    /// Where the IP header starts (after Ethernet and VLAN tags).
+    pub l3_off: usize,
     pub src: *const u8,
     pub dst: *const u8,
     /// Upper-layer protocol, or `None` for a non-first fragment (no L4 header to see).
@@ -110,6 +118,48 @@ impl L3 {
     #[inline(always)]
     pub fn dst16(&self) -> [u8; 16] {
         addr16(self.v6, self.dst)
+    }
+}
+
+impl L3 {
+    /// This L3 as two scalars, for a call to a BPF subprogram ([`L3::unpack`] on the other
+    /// side). Passing a reference would make the caller keep the struct in stack memory, a
+    /// store per field on every packet, the clean ones included; scalars stay in registers.
+    #[inline(always)]
+    pub fn pack(&self) -> (u64, u64) {
+        let proto = self.proto.map_or(0, |p| 0x100 | u64::from(p));
+        (
+            self.l3_off as u64 | u64::from(self.v6) << 16 | proto << 24,
+            self.l4_off as u64 | (self.l4_end as u64) << 32,
+        )
+    }
+
+    /// The L3 that [`L3::pack`] made of this packet, its address pointers bounds-checked again.
+    #[inline(always)]
+    pub fn unpack(ctx: &impl Packet, a: u64, b: u64) -> Result<L3, Unparsed> {
+        let l3_off = (a & 0xffff) as usize;
+        let v6 = (a >> 16) & 1 != 0;
+        let proto = (a >> 24) & 0x1ff;
+        // Source and destination are contiguous in both headers.
+        let src = if v6 {
+            ptr_at::<[u8; 32]>(ctx, l3_off + 8)? as *const u8
+        } else {
+            ptr_at::<[u8; 8]>(ctx, l3_off + 12)? as *const u8
+        };
+        Ok(L3 {
+            v6,
+            l3_off,
+            src,
+            // SAFETY: inside the bytes ptr_at checked.
+            dst: unsafe { src.add(if v6 { 16 } else { 4 }) },
+            proto: if proto & 0x100 != 0 {
+                Some(proto as u8)
+            } else {
+                None
+            },
+            l4_off: (b & 0xffff_ffff) as usize,
+            l4_end: (b >> 32) as usize,
+        })
     }
 }
 
@@ -155,6 +205,7 @@ fn parse_v4(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
     let frag = u16::from_be_bytes([h[6], h[7]]);
     let l3 = L3 {
         v6: false,
+        l3_off: off,
         src: h[12..16].as_ptr(),
         dst: h[16..20].as_ptr(),
         // Fragment offset != 0: a later fragment, no transport header in it.
@@ -186,6 +237,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
     let mut l4_off = off + 40;
     let mut l3 = L3 {
         v6: true,
+        l3_off: off,
         src: h[8..24].as_ptr(),
         dst: h[24..40].as_ptr(),
         proto: None,
@@ -256,6 +308,9 @@ pub struct Tcp {
     /// Host order.
     pub sport: u16,
     pub dport: u16,
+    /// Host order.
+    pub seq: u32,
+    pub ack: u32,
     pub flags: u8,
     pub payload_off: usize,
     pub payload_len: usize,
@@ -278,6 +333,8 @@ pub fn parse_tcp(ctx: &impl Packet, l3: &L3) -> Result<Tcp, Unparsed> {
     Ok(Tcp {
         sport: u16::from_be_bytes([hdr[0], hdr[1]]),
         dport: u16::from_be_bytes([hdr[2], hdr[3]]),
+        seq: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+        ack: u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
         flags: hdr[13],
         payload_off,
         payload_len: l3.l4_end - payload_off,
