@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod paths;
 pub mod policy;
+pub mod proxy;
 pub mod server;
 pub mod state;

@@ -32,7 +32,14 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Real peers the integration tests drive.
-pub const LAB_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "nginx", "procps", "util-linux"];
+pub const LAB_PACKAGES: &[&str] = &[
+    "haproxy",
+    "iproute2",
+    "iputils-ping",
+    "nginx",
+    "procps",
+    "util-linux",
+];
 
 /// What a run did, for the summary line.
 #[derive(Default)]

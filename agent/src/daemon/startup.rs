@@ -137,6 +137,9 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
         .context("cannot write the watched ports")?;
 
     let mut policy = Policy::new(policy_config(cfg), &kernel::node_addrs(), &cfg.allow);
+    // Before the bans are reconciled: a pinned ban of a load balancer (an older build judged
+    // its flows as its own) is lifted here rather than adopted.
+    policy.set_proxy_trust(&cfg.proxy_protocol_from);
     let saved = saved.unwrap_or_default();
     for e in &saved.allow {
         if let Err(err) = policy.allow_add(e.cidr, e.reason.clone()) {
