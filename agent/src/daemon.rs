@@ -8,6 +8,7 @@
 mod backend;
 mod kernel;
 mod logs;
+mod proxy;
 mod shared;
 mod startup;
 

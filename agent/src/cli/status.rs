@@ -58,6 +58,9 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
         thousands(s.ban_map.entries),
         thousands(s.ban_map.capacity)
     )?;
+    if let Some(l) = super::proxy_status::trusted_line(&s.proxy_protocol) {
+        writeln!(out, "{l}")?;
+    }
     writeln!(out)?;
     let rows: Vec<Vec<String>> = s
         .interfaces
@@ -112,6 +115,7 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
     if let Some(logs) = &s.logs {
         warnings.extend(log_warnings(logs));
     }
+    warnings.extend(super::proxy_status::warnings(&s.proxy_protocol));
     if !warnings.is_empty() {
         writeln!(out)?;
     }

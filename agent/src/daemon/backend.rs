@@ -308,6 +308,7 @@ impl Backend for Agent {
                 allowlisted: n(Counter::Allowlisted),
                 preserved: n(Counter::Preserved),
                 unparsed: n(Counter::Unparsed),
+                reset: super::proxy::reset(&k),
             },
             handshakes: HandshakesJson {
                 valid: n(Counter::HsValid),
@@ -333,6 +334,7 @@ impl Backend for Agent {
                 capacity: u64::from(self.cfg.max_bans),
             },
             events_lost: n(Counter::EventsLost),
+            proxy_headers: super::proxy::headers(&k),
         })
     }
 
@@ -385,9 +387,13 @@ impl Backend for Agent {
         let mut out = Vec::new();
         for (k, v) in flows {
             let client = kernel::ip16(k.client);
-            if want.is_some_and(|w| w.addr() != client) {
+            let proxied = super::proxy::flow(&v);
+            // `--addr` finds a proxied flow by either end: the load balancer or its client.
+            if want.is_some_and(|w| w.addr() != client && proxied.client != Some(w.addr())) {
                 continue;
             }
+            // A proxied flow belongs to (and is preserved for) the client its header named.
+            let judged = proxied.client.unwrap_or(client);
             let verdict = Verdict::from_u8(v.verdict);
             let state = match v.state {
                 FLOW_ESTABLISHED => "established",
@@ -395,7 +401,7 @@ impl Backend for Agent {
                 _ => "handshake",
             };
             let preserved = v.state == FLOW_ESTABLISHED
-                && banned_by(&g.policy, client)
+                && banned_by(&g.policy, judged)
                     .is_some_and(|b| v.first_seen_ns < c.boot_of(b.created_at));
             out.push(FlowJson {
                 client: client.to_string(),
@@ -409,6 +415,9 @@ impl Backend for Agent {
                 state: state.into(),
                 preserved,
                 age_s: c.boot_ns.saturating_sub(v.first_seen_ns) / 1_000_000_000,
+                proxy_client: proxied.client.map(|ip| ip.to_string()),
+                proxy_client_port: proxied.client.map(|_| proxied.port),
+                proxy_state: proxied.state.map(str::to_owned),
             });
         }
         Ok(out)
@@ -429,6 +438,7 @@ impl Backend for Agent {
                 capacity: u64::from(self.cfg.max_bans),
             },
             logs,
+            proxy_protocol: super::proxy::status(&self.cfg, &g),
         })
     }
 
