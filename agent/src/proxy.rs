@@ -45,6 +45,17 @@ pub fn trusted_from(raw: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     Ok(out)
 }
 
+/// Entries wider than a typical load balancer subnet (IPv4 shorter than /16, IPv6 shorter
+/// than /48): allowed, but the agent warns at start, since any host in them can claim to relay
+/// any client.
+pub fn wide(cidrs: &[Cidr]) -> Vec<Cidr> {
+    cidrs
+        .iter()
+        .filter(|c| c.prefix_len() < if c.is_v4() { 16 } else { 48 })
+        .copied()
+        .collect()
+}
+
 fn invalid(value: &str, why: impl ToString) -> ConfigError {
     ConfigError::Invalid {
         key: KEY,
@@ -183,6 +194,15 @@ mod tests {
             assert!(p.allow_entries().all(|e| e.source != AllowSource::Proxy));
             p.ban(req("198.18.0.5", BanSource::Manual), T0).unwrap();
         }
+    }
+
+    #[test]
+    fn wide_entries_are_the_ones_warned_about() {
+        let c = trusted_from(
+            &["10.0.0.0/8", "10.1.0.0/16", "fd00::/32", "fd00:1::/48"].map(String::from),
+        )
+        .unwrap();
+        assert_eq!(wide(&c), [c[0], c[2]]);
     }
 
     #[test]

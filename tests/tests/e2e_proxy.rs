@@ -231,6 +231,16 @@ fn preserved_then_hard(p: &ProxiedLab) -> Result<()> {
             .any(|f| f["preserved"] == true && f["proxy_client"] == addr.as_str()),
         "the preserved proxied flow is not listed by its real client: {flows:?}"
     );
+    let table = a.cli(&["flows", "--addr", &addr])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    let lb = p.lb_source().to_string();
+    ensure!(
+        table.contains("VIA")
+            && table
+                .lines()
+                .any(|l| l.starts_with(&addr) && l.contains(&lb) && l.contains("preserved")),
+        "the flows table does not show {addr} via {lb}:\n{table}"
+    );
     let out = a.cli(&["ban", "add", &addr, "--hard", "--reason", "lab"])?;
     ensure!(out.status.success(), "ban add --hard: {out:?}");
     let end: LegitSummary = ws.finish(FINISH)?;

