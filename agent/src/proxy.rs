@@ -7,7 +7,8 @@
 //! trusted PROXY senders. Decisions where the issue is silent:
 //! - A value that is not an address or CIDR, or a `/0` (everyone could then choose the address
 //!   they are judged by), stops the agent at start naming the key and the value. Duplicates
-//!   are kept once.
+//!   are kept once. A range wider than a load balancer subnet (IPv4 shorter than /16, IPv6
+//!   shorter than /48) is accepted with a warning at start.
 //! - Every trusted sender is an allowlist entry with source `proxy` (reason `proxy_protocol_from`):
 //!   never dropped, never banned (a manual ban is refused, exit 3, naming the setting), never
 //!   charged. `wsguard allow rm` refuses it like a config entry, with the hint to edit the
