@@ -33,6 +33,11 @@ pub struct Pkt {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    /// TCP sequence and acknowledgment numbers (1 and 1 unless set).
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP options (padded to 4 bytes by the builder).
+    pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
@@ -50,8 +55,26 @@ impl Pkt {
             sport,
             dport,
             flags: TCP_ACK | TCP_PSH,
+            seq: 1,
+            ack: 1,
+            tcp_options: Vec::new(),
             payload: Vec::new(),
         }
+    }
+
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    pub fn ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
+        self
+    }
+
+    pub fn tcp_options(mut self, opts: &[u8]) -> Self {
+        self.tcp_options = opts.to_vec();
+        self
     }
 
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
@@ -114,12 +137,17 @@ impl Pkt {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == IPPROTO_TCP {
-            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&1u32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset: 20 bytes
+            let mut opts = self.tcp_options.clone();
+            while !opts.len().is_multiple_of(4) {
+                opts.push(0);
+            }
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            l4.extend_from_slice(&self.ack.to_be_bytes());
+            l4.push(((20 + opts.len()) / 4 << 4) as u8); // data offset
             l4.push(self.flags);
             l4.extend_from_slice(&65535u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+            l4.extend_from_slice(&opts);
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
@@ -194,6 +222,112 @@ impl Pkt {
         f.extend_from_slice(&l4);
         f
     }
+}
+
+/// A TCP segment as a frame carries it, for checking what a program wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IPv4 header length, or 40 plus the extension headers for IPv6.
+    pub ip_header_len: usize,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub tcp_header_len: usize,
+    pub window: u16,
+    pub payload: Vec<u8>,
+    /// Both checksums (IPv4 header, TCP with its pseudo-header) verify.
+    pub checksums_ok: bool,
+    /// Bytes of the frame past the IP length.
+    pub trailer: usize,
+}
+
+/// Parse an untagged Ethernet frame holding TCP over IPv4 or IPv6 (no extension headers).
+pub fn parse_segment(f: &[u8]) -> Option<Segment> {
+    let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().unwrap() };
+    if f.len() < 14 {
+        return None;
+    }
+    let (src, dst, ihl, ttl, l4_end, mut ok, pseudo) = match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 => {
+            let h = f.get(14..34)?;
+            let ihl = usize::from(h[0] & 0xf) * 4;
+            if h[9] != IPPROTO_TCP {
+                return None;
+            }
+            let tot = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let s: [u8; 4] = h[12..16].try_into().ok()?;
+            let d: [u8; 4] = h[16..20].try_into().ok()?;
+            let ok = checksum(f.get(14..14 + ihl)?) == 0;
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s);
+            pseudo.extend_from_slice(&d);
+            pseudo.extend_from_slice(&[0, IPPROTO_TCP]);
+            pseudo.extend_from_slice(&((tot - ihl) as u16).to_be_bytes());
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                ihl,
+                h[8],
+                14 + tot,
+                ok,
+                pseudo,
+            )
+        }
+        0x86dd => {
+            let h = f.get(14..54)?;
+            if h[6] != IPPROTO_TCP {
+                return None;
+            }
+            let plen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let s: [u8; 16] = h[8..24].try_into().ok()?;
+            let d: [u8; 16] = h[24..40].try_into().ok()?;
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s);
+            pseudo.extend_from_slice(&d);
+            pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_TCP]);
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                40,
+                h[7],
+                54 + plen,
+                true,
+                pseudo,
+            )
+        }
+        _ => return None,
+    };
+    let tcp = f.get(14 + ihl..l4_end)?;
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let mut all = pseudo;
+    all.extend_from_slice(tcp);
+    ok &= checksum(&all) == 0;
+    Some(Segment {
+        dst_mac: mac(0),
+        src_mac: mac(6),
+        src,
+        dst,
+        ip_header_len: ihl,
+        ttl,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: u32::from_be_bytes(tcp[4..8].try_into().ok()?),
+        ack: u32::from_be_bytes(tcp[8..12].try_into().ok()?),
+        flags: tcp[13],
+        tcp_header_len: doff,
+        window: u16::from_be_bytes([tcp[14], tcp[15]]),
+        payload: tcp.get(doff..)?.to_vec(),
+        checksums_ok: ok,
+        trailer: f.len() - l4_end,
+    })
 }
 
 fn checksum(b: &[u8]) -> u16 {

@@ -7,7 +7,8 @@ use std::path::Path;
 use wsguard_common::{
     BadReason, Verdict,
     http::classify,
-    maps::{Config, Counter, MAX_INSPECT},
+    maps::{Config, Counter, MAX_INSPECT, PROXY_UNCONFIGURED},
+    proxy::{self, Header, ProxyResult},
 };
 use wsguard_tests::{
     dataplane::{DataPlane, Delta, XDP_PASS, flow_key},
@@ -71,6 +72,33 @@ fn kernel_inspects(payload: &[u8]) -> bool {
     !payload.is_empty() && (payload[0].is_ascii_uppercase() || payload[0] == 0x16)
 }
 
+/// A payload that begins with a valid PROXY header, while no trusted sender is configured (as
+/// here), is never judged (issue 12): the flow is recorded unjudged and counted `untrusted`.
+/// The counter it moves, if it does.
+fn unconfigured_proxy(payload: &[u8]) -> Option<Counter> {
+    match proxy::parse(payload) {
+        Header::Client(c) => Some(Counter::proxy(c.version, ProxyResult::Untrusted)),
+        Header::Local { version, .. } => Some(Counter::proxy(version, ProxyResult::Untrusted)),
+        _ => None,
+    }
+}
+
+/// Check a flow `unconfigured_proxy` says is not judged.
+fn assert_unjudged(
+    flow: Option<wsguard_common::maps::FlowValue>,
+    delta: &Delta,
+    c: Counter,
+    what: &str,
+) {
+    let flow = flow.unwrap_or_else(|| panic!("{what}: no flow recorded"));
+    assert_eq!(
+        (Verdict::from_u8(flow.verdict), flow.proxy),
+        (Some(Verdict::Ignored), PROXY_UNCONFIGURED),
+        "{what}: a PROXY header is not judged"
+    );
+    assert_eq!(*delta, Delta::of(&[Counter::Passed, c]), "{what}: counters");
+}
+
 #[test]
 fn kernel_and_host_classify_the_corpus_alike() {
     let cases = corpus();
@@ -101,6 +129,11 @@ fn kernel_and_host_classify_the_corpus_alike() {
         let flow = dp
             .flow(&flow_key(&client, sport, "198.18.1.1", 8080))
             .unwrap();
+        if let Some(counter) = unconfigured_proxy(&c.payload) {
+            assert_unjudged(flow, &delta, counter, &c.name);
+            replayed += 1;
+            continue;
+        }
         if !kernel_inspects(&c.payload) {
             assert_eq!(
                 c.verdict,
@@ -229,8 +262,15 @@ fn split_requests_are_judged_on_their_first_segment_alike() {
             assert_eq!(action, XDP_PASS);
             let flow = dp
                 .flow(&flow_key(&client, sport, "198.18.1.1", 8080))
-                .unwrap()
-                .unwrap_or_else(|| panic!("{} cut at {cut}: no flow", c.name));
+                .unwrap();
+            if let Some(counter) = unconfigured_proxy(head) {
+                let what = format!("{} cut at {cut}", c.name);
+                assert_unjudged(flow, &delta, counter, &what);
+                let (_, delta) = dp.xdp_counted(&pkt(rest)).unwrap();
+                assert_eq!(delta, Delta::of(&[Counter::Passed]), "{what}: the rest");
+                continue;
+            }
+            let flow = flow.unwrap_or_else(|| panic!("{} cut at {cut}: no flow", c.name));
             let kernel = (
                 Verdict::from_u8(flow.verdict),
                 host.reason.and_then(|_| BadReason::from_u8(flow.reason)),

@@ -8,7 +8,9 @@ use aya::{
     maps::MapInfo,
     programs::{SchedClassifier, Xdp},
 };
-use wsguard_common::maps::{BanValue, Config, FlowKey, FlowValue, RateValue, names, programs};
+use wsguard_common::maps::{
+    BanValue, Config, FlowKey, FlowValue, ProxySenderValue, RateValue, names, programs,
+};
 
 use super::DataPathError;
 use crate::bpf::OBJECT;
@@ -18,7 +20,7 @@ use crate::bpf::OBJECT;
 /// change freely between builds. `BAN_FILTER` is pinned so that an adopted program and the agent
 /// writing bans share one pre-filter (an unpinned one per load would let the running program
 /// read a stale bitmap); a migration starts it empty and the open refills it.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 16] = [
     names::CONFIG,
     names::PORTS,
     names::COUNTERS,
@@ -32,6 +34,9 @@ pub const PINNED_MAPS: [&str; 13] = [
     names::RATES,
     names::BURSTS,
     names::BAN_FILTER,
+    names::PROXY_FROM_V4,
+    names::PROXY_FROM_V6,
+    names::PROXY_SENDERS,
 ];
 
 pub const BAN_MAPS: [&str; 4] = [
@@ -94,7 +99,7 @@ where
 pub fn pinned_mismatch(dir: &Path, max_bans: u32) -> Option<String> {
     let sizes = |k: usize, v: usize| (k as u32, v as u32);
     let lpm = |k: usize| 4 + k;
-    let expected: [(&str, (u32, u32), Option<u32>); 11] = [
+    let expected: [(&str, (u32, u32), Option<u32>); 14] = [
         (names::CONFIG, sizes(4, size_of::<Config>()), None),
         (names::PORTS, sizes(4, 1), None),
         (names::COUNTERS, sizes(4, 8), None),
@@ -126,6 +131,13 @@ pub fn pinned_mismatch(dir: &Path, max_bans: u32) -> Option<String> {
             None,
         ),
         (names::RATES, sizes(16, size_of::<RateValue>()), None),
+        (names::PROXY_FROM_V4, sizes(lpm(4), 4), None),
+        (names::PROXY_FROM_V6, sizes(lpm(16), 4), None),
+        (
+            names::PROXY_SENDERS,
+            sizes(16, size_of::<ProxySenderValue>()),
+            None,
+        ),
     ];
     for (name, (key, value), max) in expected {
         let info = match MapInfo::from_pin(dir.join(name)) {

@@ -9,8 +9,8 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use wsguard_common::maps::{
-    BanValue, BurstEvent, CFG_GENERATION_ONE, COUNTERS_LEN, Config, FlowKey, FlowValue, RateValue,
-    names,
+    BanValue, BurstEvent, CFG_GENERATION_ONE, COUNTERS_LEN, Config, FlowKey, FlowValue,
+    ProxySenderValue, RateValue, names,
 };
 
 use super::{DataPathError, sys};
@@ -31,10 +31,93 @@ pub struct Maps {
     pub cidrs_v6: LpmTrie<MapData, [u8; 16], BanValue>,
     pub allow_v4: LpmTrie<MapData, [u8; 4], u32>,
     pub allow_v6: LpmTrie<MapData, [u8; 16], u32>,
-    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub flows: Flows,
     pub rates: HashMap<MapData, [u8; 16], RateValue>,
     pub bursts: RingBuf<MapData>,
     pub ban_filter: Array<MapData, u64>,
+    /// Layout 3's maps: always there in this build's generation, absent from a layout-2 one a
+    /// migration reads.
+    pub proxy: Option<ProxyMaps>,
+}
+
+/// The PROXY-protocol maps (layout 3).
+pub struct ProxyMaps {
+    pub from_v4: LpmTrie<MapData, [u8; 4], u32>,
+    pub from_v6: LpmTrie<MapData, [u8; 16], u32>,
+    pub senders: HashMap<MapData, [u8; 16], ProxySenderValue>,
+}
+
+/// `FLOWS` as this build writes it, or (read by a migration) as layout 2 did.
+pub enum Flows {
+    Current(HashMap<MapData, FlowKey, FlowValue>),
+    Layout2(HashMap<MapData, FlowKey, FlowValueV2>),
+}
+
+/// Layout 2's flow value (16 bytes): what layout 3's `FlowValue` starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValueV2 {
+    pub first_seen_ns: u64,
+    pub verdict: u8,
+    pub reason: u8,
+    pub state: u8,
+    pub _pad: [u8; 5],
+}
+
+// SAFETY: `#[repr(C)]`, `Copy`, no padding (the gap is an explicit `_pad`), no pointers.
+unsafe impl aya::Pod for FlowValueV2 {}
+
+impl FlowValueV2 {
+    /// A layout-2 flow in layout 3: a direct flow (no PROXY header was ever read for it).
+    pub fn upgrade(&self) -> FlowValue {
+        FlowValue {
+            first_seen_ns: self.first_seen_ns,
+            verdict: self.verdict,
+            reason: self.reason,
+            state: self.state,
+            ..FlowValue::default()
+        }
+    }
+}
+
+impl Flows {
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Flows::Current(m) => m.map().fd().as_fd(),
+            Flows::Layout2(m) => m.map().fd().as_fd(),
+        }
+    }
+
+    /// Every entry (at most `limit`), in this build's layout.
+    pub fn entries(&self, limit: usize) -> Vec<(FlowKey, FlowValue)> {
+        match self {
+            Flows::Current(m) => m.iter().take(limit).filter_map(Result::ok).collect(),
+            Flows::Layout2(m) => m
+                .iter()
+                .take(limit)
+                .filter_map(Result::ok)
+                .map(|(k, v)| (k, v.upgrade()))
+                .collect(),
+        }
+    }
+
+    pub fn current(&mut self) -> Result<&mut HashMap<MapData, FlowKey, FlowValue>, DataPathError> {
+        match self {
+            Flows::Current(m) => Ok(m),
+            Flows::Layout2(_) => Err(DataPathError::Other(
+                "FLOWS has the layout-2 value size here; only a migration reads it".into(),
+            )),
+        }
+    }
+}
+
+/// A source of exactly one map (whatever name is asked).
+fn one(m: Map) -> impl FnMut(&str) -> Result<Map, DataPathError> {
+    let mut m = Some(m);
+    move |name| {
+        m.take()
+            .ok_or_else(|| DataPathError::Other(format!("map {name} taken twice")))
+    }
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(
@@ -60,11 +143,83 @@ impl Maps {
             cidrs_v6: typed(t, names::BAN_CIDRS_V6)?,
             allow_v4: typed(t, names::ALLOW_V4)?,
             allow_v6: typed(t, names::ALLOW_V6)?,
-            flows: typed(t, names::FLOWS)?,
+            flows: Flows::Current(typed(t, names::FLOWS)?),
             rates: typed(t, names::RATES)?,
             bursts: typed(t, names::BURSTS)?,
             ban_filter: typed(t, names::BAN_FILTER)?,
+            proxy: Some(ProxyMaps {
+                from_v4: typed(t, names::PROXY_FROM_V4)?,
+                from_v6: typed(t, names::PROXY_FROM_V6)?,
+                senders: typed(t, names::PROXY_SENDERS)?,
+            }),
         })
+    }
+
+    /// The handles on a previous generation's maps, for a migration: FLOWS in the layout its
+    /// value size says, the layout-3 maps only if it has them.
+    pub fn take_previous(
+        mut take: impl FnMut(&str) -> Result<Map, DataPathError>,
+    ) -> Result<Self, DataPathError> {
+        let t = &mut take;
+        let flows = t(names::FLOWS)?;
+        let flow_size = match &flows {
+            Map::HashMap(d) | Map::LruHashMap(d) => {
+                d.info().map(|i| i.value_size()).unwrap_or_default() as usize
+            }
+            _ => 0,
+        };
+        let flows = if flow_size == size_of::<FlowValueV2>() {
+            Flows::Layout2(
+                HashMap::try_from(flows)
+                    .map_err(|e| DataPathError::Other(format!("FLOWS: {e}")))?,
+            )
+        } else {
+            Flows::Current(
+                HashMap::try_from(flows)
+                    .map_err(|e| DataPathError::Other(format!("FLOWS: {e}")))?,
+            )
+        };
+        let proxy = match (
+            t(names::PROXY_FROM_V4),
+            t(names::PROXY_FROM_V6),
+            t(names::PROXY_SENDERS),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => Some(ProxyMaps {
+                from_v4: typed(&mut one(a), names::PROXY_FROM_V4)?,
+                from_v6: typed(&mut one(b), names::PROXY_FROM_V6)?,
+                senders: typed(&mut one(c), names::PROXY_SENDERS)?,
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            config: typed(t, names::CONFIG)?,
+            ports: typed(t, names::PORTS)?,
+            counters: typed(t, names::COUNTERS)?,
+            bans_v4: typed(t, names::BANS_V4)?,
+            bans_v6: typed(t, names::BANS_V6)?,
+            cidrs_v4: typed(t, names::BAN_CIDRS_V4)?,
+            cidrs_v6: typed(t, names::BAN_CIDRS_V6)?,
+            allow_v4: typed(t, names::ALLOW_V4)?,
+            allow_v6: typed(t, names::ALLOW_V6)?,
+            flows,
+            rates: typed(t, names::RATES)?,
+            bursts: typed(t, names::BURSTS)?,
+            ban_filter: typed(t, names::BAN_FILTER)?,
+            proxy,
+        })
+    }
+
+    /// The layout-3 maps (this build's generation always has them).
+    pub fn proxy(&self) -> Result<&ProxyMaps, DataPathError> {
+        self.proxy
+            .as_ref()
+            .ok_or_else(|| DataPathError::Other("no PROXY-protocol maps in this generation".into()))
+    }
+
+    pub fn proxy_mut(&mut self) -> Result<&mut ProxyMaps, DataPathError> {
+        self.proxy
+            .as_mut()
+            .ok_or_else(|| DataPathError::Other("no PROXY-protocol maps in this generation".into()))
     }
 
     pub fn config(&self) -> Result<Config, DataPathError> {
@@ -203,7 +358,9 @@ impl Maps {
 
     pub fn counters(&self) -> Result<[u64; COUNTERS_LEN as usize], DataPathError> {
         let mut out = [0u64; COUNTERS_LEN as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
+        // A previous generation's array may be shorter (counters are appended).
+        let len = (self.counters.len() as usize).min(out.len());
+        for (i, slot) in out.iter_mut().enumerate().take(len) {
             let per_cpu = self
                 .counters
                 .get(&(i as u32), 0)
@@ -234,11 +391,7 @@ impl Maps {
     }
 
     pub fn flows(&self, limit: usize) -> Vec<(FlowKey, FlowValue)> {
-        self.flows
-            .iter()
-            .take(limit)
-            .filter_map(Result::ok)
-            .collect()
+        self.flows.entries(limit)
     }
 
     pub fn rates(&self, limit: usize) -> Vec<([u8; 16], RateValue)> {

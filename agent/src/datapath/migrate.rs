@@ -1,6 +1,12 @@
 //! A migration's copy: every entry of the pinned generation's maps into this build's fresh
 //! ones, converted from the pinned layout to this build's.
 //!
+//! Layout 2 to 3 needs no step of its own: `FLOWS` is read in the layout its value size says
+//! (`maps::Flows`, layout-2 flows become direct flows), `COUNTERS` is copied up to the old
+//! length (the PROXY and reset counters start at zero), and the layout-3 maps start empty
+//! (`CFG_PROXY_TRUST` is clear in the copied CONFIG, so no sender is trusted until the agent
+//! calls `set_proxy_trust`).
+//!
 //! Each layout bump that changes what an entry means adds a [`Step`], keyed by the layout it
 //! converts from; a migration applies, in order, every step from the pinned generation's
 //! layout up to this build's. A map no step names is copied as is. Every step must be
@@ -106,16 +112,38 @@ pub fn copy(old: &Maps, new: &mut Maps, to: u32) -> Result<(), DataPathError> {
             new.ports.set(port, w, 0).map_err(err("write PORTS"))?;
         }
     }
+    // Layout 2's flows come back as layout 3's direct flows (`Flows::entries`): no PROXY
+    // header was ever read for them.
+    let flows = new.flows.current()?;
     for (k, v) in old.flows(LRU_WALK) {
         // LRU: a full target evicts instead of failing.
-        let _ = new.flows.insert(k, v, 0);
+        let _ = flows.insert(k, v, 0);
     }
     for (k, v) in old.rates(LRU_WALK) {
         let _ = new.rates.insert(k, v, 0);
     }
-    for i in 0..COUNTERS_LEN {
+    // Counters are appended by layout bumps: the new ones start at zero.
+    for i in 0..old.counters.len().min(COUNTERS_LEN) {
         let v = old.counters.get(&i, 0).map_err(err("read COUNTERS"))?;
         new.counters.set(i, v, 0).map_err(err("write COUNTERS"))?;
+    }
+    if let (Some(from), Ok(to)) = (&old.proxy, new.proxy_mut()) {
+        // Layout 3 on both sides (a re-size): the trust list and the senders seen.
+        for r in from.from_v4.iter() {
+            let (k, v) = r.map_err(err("walk PROXY_FROM_V4"))?;
+            to.from_v4
+                .insert(&k, v, 0)
+                .map_err(err("write PROXY_FROM_V4"))?;
+        }
+        for r in from.from_v6.iter() {
+            let (k, v) = r.map_err(err("walk PROXY_FROM_V6"))?;
+            to.from_v6
+                .insert(&k, v, 0)
+                .map_err(err("write PROXY_FROM_V6"))?;
+        }
+        for (k, v) in from.senders.iter().take(LRU_WALK).filter_map(Result::ok) {
+            let _ = to.senders.insert(k, v, 0);
+        }
     }
     tracing::info!(
         from = conv.from,

@@ -44,6 +44,7 @@ mod open;
 mod pins;
 mod prefilter;
 mod preserve;
+mod proxy;
 mod sys;
 
 use std::{net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
@@ -55,6 +56,7 @@ use crate::{addr::Cidr, api::InterfaceJson};
 pub use batch::{PutBansError, WriteStats};
 pub use loader::build_id;
 pub use pins::Layout;
+pub use proxy::{ProxyCounters, ProxyHeaderCounts, ProxySender, real_client};
 
 /// How to attach XDP (PRODUCT.md `--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -201,18 +203,22 @@ impl DataPath {
         pins::detach_all(pin_dir)
     }
 
-    /// Write the runtime settings. The CIDR counts, the layout version and the generation
-    /// counter belong to the data path and are kept as they are, whatever `cfg` holds; the
-    /// counter moves on, as settings may change what a held verdict said.
+    /// Write the runtime settings. The CIDR counts, the layout version, the generation counter
+    /// and the PROXY bits (`CFG_DATAPATH_BITS`) belong to the data path and are kept as they
+    /// are, whatever `cfg` holds; the counter moves on, as settings may change what a held
+    /// verdict said.
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), DataPathError> {
-        use wsguard_common::maps::{CFG_GENERATION, CFG_GENERATION_ONE};
+        use wsguard_common::maps::{CFG_DATAPATH_BITS, CFG_GENERATION, CFG_GENERATION_ONE};
         let cur = self.maps.config()?;
         let generation = (cur.flags & CFG_GENERATION).wrapping_add(CFG_GENERATION_ONE);
+        // The PROXY trust and cut-mark bits belong to the data path too (`set_proxy_trust`,
+        // `cut_flows`): kept as they are.
+        let owned = cur.flags & CFG_DATAPATH_BITS & !CFG_GENERATION;
         let next = Config {
             cidr_v4: cur.cidr_v4,
             cidr_v6: cur.cidr_v6,
             layout_version: cur.layout_version,
-            flags: (cfg.flags & !CFG_GENERATION) | generation,
+            flags: (cfg.flags & !CFG_DATAPATH_BITS) | owned | generation,
             ..*cfg
         };
         self.maps.write_config(&next)

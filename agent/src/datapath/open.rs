@@ -88,7 +88,7 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
     let mut pending = Vec::new();
     let mut old = None;
     if migrate {
-        let o = Maps::take(from_pins(pins.maps()))?;
+        let o = Maps::take_previous(from_pins(pins.maps()))?;
         if let Err(e) = o.copy_into(&mut maps, me.version) {
             // The old generation keeps enforcing untouched.
             clear(&pins.maps_new());

@@ -16,10 +16,8 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv6Addr},
-    os::fd::AsFd as _,
 };
 
-use aya::maps::IterableMap as _;
 use wsguard_common::maps::{
     BAN_MAY_PRESERVE, BanValue, FLOW_ANSWERED, FLOW_ESTABLISHED, FlowKey, FlowValue,
 };
@@ -30,7 +28,8 @@ use crate::addr::Cidr;
 /// Flows read per `BPF_MAP_LOOKUP_BATCH`.
 const CHUNK: usize = 8192;
 
-/// The clients of the flows in the flow table at one moment that may be preserved.
+/// The clients of the flows in the flow table at one moment that may be preserved (the real
+/// client of a proxied flow, not its proxy).
 pub(super) struct FlowClients(HashSet<IpAddr>);
 
 /// Which flows [`FlowClients::read`] keeps.
@@ -44,7 +43,7 @@ pub(super) enum Keep {
 
 impl FlowClients {
     pub fn read(maps: &Maps, keep: Keep) -> Result<Self, DataPathError> {
-        let fd = maps.flows.map().fd().as_fd();
+        let fd = maps.flows.fd();
         let flows: Vec<(FlowKey, FlowValue)> = match sys::lookup_all(fd, CHUNK, usize::MAX) {
             Ok(Some(all)) => all,
             // No batch operations in this kernel: walk key by key.
@@ -59,7 +58,7 @@ impl FlowClients {
             flows
                 .iter()
                 .filter(|(_, v)| kept(v))
-                .map(|(k, _)| client(&k.client))
+                .map(|(k, v)| client(&v.real_client().unwrap_or(k.client)))
                 .collect(),
         ))
     }

@@ -7,5 +7,7 @@
 pub mod filter;
 pub mod http;
 pub mod maps;
+pub mod proxy;
+pub mod rst;
 
 pub use http::{BadReason, Classification, Classifier, Verdict};

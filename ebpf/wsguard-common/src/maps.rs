@@ -27,6 +27,11 @@ pub mod names {
     pub const SCRATCH: &str = "SCRATCH";
     /// The ban pre-filter ([`crate::filter`]). Optional: all zeros (fresh) means "look up".
     pub const BAN_FILTER: &str = "BAN_FILTER";
+    /// Trusted PROXY-protocol senders (layout 3), LPM tries like the allowlist's.
+    pub const PROXY_FROM_V4: &str = "PROXY_FROM_V4";
+    pub const PROXY_FROM_V6: &str = "PROXY_FROM_V6";
+    /// Senders of PROXY headers that were not believed (layout 3): LRU, for `status`.
+    pub const PROXY_SENDERS: &str = "PROXY_SENDERS";
 }
 
 /// Program names in the object file.
@@ -55,16 +60,56 @@ pub enum Counter {
     /// First of [`crate::http::BAD_REASONS`] consecutive per-reason counters.
     BadReason0,
     EventsLost = Counter::BadReason0 as u32 + crate::http::BAD_REASONS as u32,
+    // Layout 3: PROXY-protocol headers on the first payload of a flow on a watched port, by
+    // version and result (`wsguard_common::proxy::ProxyResult`), one per flow.
+    ProxyV1Client,
+    ProxyV1Local,
+    ProxyV1Malformed,
+    ProxyV1Untrusted,
+    ProxyV2Client,
+    ProxyV2Local,
+    ProxyV2Malformed,
+    ProxyV2Untrusted,
+    /// A flow from a trusted sender whose first payload carries no header (no version).
+    ProxyMissing,
+    /// Flows cut at their PROXY header (the real client is banned) or at their next packet
+    /// (marked by `cut_flows` for a hard ban): the segment became a RST towards the server.
+    Reset,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTERS_LEN: u32 = Counter::EventsLost as u32 + 1;
+pub const COUNTERS_LEN: u32 = Counter::Reset as u32 + 1;
+
+impl Counter {
+    /// The counter of a PROXY header of `version` with `result`.
+    pub const fn proxy(
+        version: crate::proxy::Version,
+        result: crate::proxy::ProxyResult,
+    ) -> Counter {
+        use crate::proxy::{ProxyResult as R, Version as V};
+        match (version, result) {
+            (_, R::Missing) => Counter::ProxyMissing,
+            (V::V1, R::Client) => Counter::ProxyV1Client,
+            (V::V1, R::Local) => Counter::ProxyV1Local,
+            (V::V1, R::Malformed) => Counter::ProxyV1Malformed,
+            (V::V1, R::Untrusted) => Counter::ProxyV1Untrusted,
+            (V::V2, R::Client) => Counter::ProxyV2Client,
+            (V::V2, R::Local) => Counter::ProxyV2Local,
+            (V::V2, R::Malformed) => Counter::ProxyV2Malformed,
+            (V::V2, R::Untrusted) => Counter::ProxyV2Untrusted,
+        }
+    }
+}
 
 /// Version of the map layouts below; the agent migrates pinned maps when it differs.
 ///
 /// 2: [`BAN_MAY_PRESERVE`]. A ban without it has no flow to preserve, so the data plane skips
 /// the flow lookup on its drop path; layout-1 bans never carried it and get it on migration.
-pub const LAYOUT_VERSION: u32 = 2;
+///
+/// 3: PROXY protocol. [`FlowValue`] grows (the real client, the proxy state, the RST
+/// bookkeeping of a cut flow); `COUNTERS` gains the PROXY and reset counters; new maps
+/// `PROXY_FROM_V4`, `PROXY_FROM_V6`, `PROXY_SENDERS`. Layout-2 flows become direct flows.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `Config::flags`: global observe mode (nothing is dropped, would-be drops are counted).
 pub const CFG_OBSERVE: u32 = 1 << 0;
@@ -76,6 +121,17 @@ pub const CFG_PATH_SCOPE: u32 = 1 << 1;
 /// kept only while `flags` is unchanged) instead of up to one jiffy later.
 pub const CFG_GENERATION: u32 = 0xffff_0000;
 pub const CFG_GENERATION_ONE: u32 = 1 << 16;
+/// `Config::flags` (layout 3): `proxy_protocol_from` is configured, so the PROXY headers of
+/// senders in `PROXY_FROM_V4`/`PROXY_FROM_V6` are believed and those of others are not.
+/// Without it no sender is trusted and a flow that begins with a PROXY header is never judged.
+/// Owned by the data path (`set_proxy_trust`), kept across `set_config`.
+pub const CFG_PROXY_TRUST: u32 = 1 << 2;
+/// `Config::flags` (layout 3): some flow is marked [`PROXY_CUT_PENDING`], so every packet on a
+/// watched port looks its flow up (only while set). Owned by the data path (`cut_flows` sets
+/// it, `settle_cuts` clears it once no mark remains), kept across `set_config`.
+pub const CFG_CUT_PENDING: u32 = 1 << 3;
+/// The `Config::flags` bits the data path owns.
+pub const CFG_DATAPATH_BITS: u32 = CFG_GENERATION | CFG_PROXY_TRUST | CFG_CUT_PENDING;
 
 /// Runtime settings, slot 0 of the `CONFIG` array. The agent rewrites it; no reload needed.
 #[repr(C)]
@@ -206,6 +262,36 @@ pub struct FlowKey {
     pub server_port: u16,
 }
 
+/// `FlowValue::proxy`: a direct flow (no PROXY header read; every layout-2 flow).
+pub const PROXY_NONE: u8 = 0;
+/// A trusted sender's header named `real_client`: the request is judged and charged to it.
+pub const PROXY_CLIENT: u8 = 1;
+/// A trusted sender's LOCAL/UNKNOWN header, or one naming a trusted sender: never judged.
+pub const PROXY_LOCAL: u8 = 2;
+/// A trusted sender's malformed, truncated or over-long header: never judged.
+pub const PROXY_MALFORMED: u8 = 3;
+/// A trusted sender's first payload without a header: never judged.
+pub const PROXY_MISSING: u8 = 4;
+/// A header from a sender outside `proxy_protocol_from`: not believed, the request after it is
+/// judged and charged to the sender (the flow key's client).
+pub const PROXY_UNTRUSTED: u8 = 5;
+/// A header while `proxy_protocol_from` is not configured: never judged.
+pub const PROXY_UNCONFIGURED: u8 = 6;
+/// Cut: `real_client` was banned when its header arrived (or the agent marked it). The
+/// segment became a RST towards the server; later packets are answered with a RST (at most
+/// [`RST_BURST`] at once, then one per [`RST_INTERVAL_NS`]) or dropped.
+pub const PROXY_CUT: u8 = 7;
+/// Marked by the agent (`cut_flows`, a hard ban of `real_client`): cut at its next packet.
+pub const PROXY_CUT_PENDING: u8 = 8;
+/// Or-ed into [`PROXY_CLIENT`] or [`PROXY_UNTRUSTED`]: the header came alone, the request is
+/// the segment at `next_seq`.
+pub const PROXY_AWAITING: u8 = 0x80;
+
+/// RSTs a cut flow gets at once, before the interval applies.
+pub const RST_BURST: u16 = 4;
+/// Then at most one per this interval; the packets in between are dropped.
+pub const RST_INTERVAL_NS: u64 = 200_000_000;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -215,7 +301,56 @@ pub struct FlowValue {
     /// A [`crate::BadReason`] as `u8`, meaningful when `verdict` is bad.
     pub reason: u8,
     pub state: u8,
-    pub _pad: [u8; 5],
+    /// A `PROXY_*` state (layout 3).
+    pub proxy: u8,
+    /// While [`PROXY_AWAITING`]: the sequence number at which the request starts.
+    pub next_seq: u32,
+    /// The client the PROXY header named, IPv4-mapped for IPv4; zero for other flows.
+    pub real_client: [u8; 16],
+    /// Its port (host order).
+    pub real_port: u16,
+    /// RSTs the data plane sent back for this cut flow.
+    pub rsts: u16,
+    pub _pad: u32,
+    /// When it sent the last one (`CLOCK_BOOTTIME` ns).
+    pub rst_ns: u64,
+}
+
+impl FlowValue {
+    /// The `PROXY_*` state without the [`PROXY_AWAITING`] bit.
+    pub const fn proxy_state(&self) -> u8 {
+        self.proxy & !PROXY_AWAITING
+    }
+
+    /// The real client behind a trusted proxy, for flows whose header named one.
+    pub const fn real_client(&self) -> Option<[u8; 16]> {
+        match self.proxy_state() {
+            PROXY_CLIENT | PROXY_CUT | PROXY_CUT_PENDING => Some(self.real_client),
+            _ => None,
+        }
+    }
+}
+
+/// `ProxySenderValue::flags`: a v1 / v2 header was seen from this sender.
+pub const SENDER_V1: u32 = 1 << 0;
+pub const SENDER_V2: u32 = 1 << 1;
+/// ... while `proxy_protocol_from` was not configured (never judged).
+pub const SENDER_UNCONFIGURED: u32 = 1 << 2;
+/// ... while it was, the sender outside it (not believed).
+pub const SENDER_UNTRUSTED: u32 = 1 << 3;
+
+/// Value of `PROXY_SENDERS`, keyed by the sender address (IPv4-mapped for IPv4): a sender of
+/// valid PROXY headers that were not believed, so `status` can name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProxySenderValue {
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Headers seen (one per flow); atomically incremented.
+    pub headers: u64,
+    /// `SENDER_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Value of `RATES`, keyed by the client address (IPv4-mapped for IPv4).
@@ -266,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for super::RateValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BurstEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProxySenderValue {}
 }
 
 #[cfg(test)]
@@ -281,7 +418,8 @@ mod tests {
         );
         assert_eq!(size_of::<BanValue>(), 32);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<ProxySenderValue>(), 32);
         assert_eq!(size_of::<RateValue>(), 8 + 4 + 24 + 4);
         assert_eq!(size_of::<BurstEvent>(), 16 + 8 + 4 + 24 + 4);
     }
@@ -289,7 +427,12 @@ mod tests {
     #[test]
     fn counters_are_contiguous() {
         assert_eq!(Counter::BadReason0 as u32, 12);
-        assert_eq!(COUNTERS_LEN, 19);
+        // Layout 2 ended here: the PROXY counters are appended after it.
+        assert_eq!(Counter::EventsLost as u32, 18);
+        assert_eq!(Counter::ProxyV1Client as u32, 19);
+        assert_eq!(Counter::ProxyV2Client as u32, 23);
+        assert_eq!(Counter::ProxyMissing as u32, 27);
+        assert_eq!(COUNTERS_LEN, 29);
     }
 
     #[test]

@@ -50,6 +50,16 @@ pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Optio
     if proven_clean(l3) {
         return None;
     }
+    judge_unfiltered::<HOLD>(ctx, l3, cfg)
+}
+
+/// [`judge`] past the pre-filter.
+#[inline(always)]
+pub fn judge_unfiltered<const HOLD: bool>(
+    ctx: &XdpContext,
+    l3: &L3,
+    cfg: &Config,
+) -> Option<Banned> {
     // The per-CPU slot always exists; were it missing, failing open is the rule.
     // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
     let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
@@ -80,7 +90,7 @@ fn judge_hot(ctx: &XdpContext, l3: &L3, hot: &mut HotBan) -> Banned {
 
 /// Whether the pre-filter says no ban covers the source's bucket.
 #[inline(always)]
-fn proven_clean(l3: &L3) -> bool {
+pub fn proven_clean(l3: &L3) -> bool {
     let bit = if l3.v6 {
         // SAFETY: parse_l3 bounds-checked 16 address bytes for IPv6.
         v6_bit(unsafe { &*(l3.src as *const [u8; 16]) })
@@ -135,6 +145,84 @@ fn lookup_live(
             )
         })
     }
+}
+
+/// How a live ban covers the real client a PROXY header named.
+pub enum ClientBan {
+    /// Enforced: cut the flow.
+    Enforced,
+    /// Observe ban or observe mode: count what would have been cut.
+    Observed,
+    /// Banned, but the allowlist wins.
+    Allowlisted,
+}
+
+/// The ban of the client in `Scratch::client`, the flow counted on it as one drop (or would-be
+/// drop) when it is enforced or observed.
+#[inline(always)]
+pub fn scratch_client_ban() -> Option<ClientBan> {
+    match wsguard_client_ban() {
+        1 => Some(ClientBan::Enforced),
+        2 => Some(ClientBan::Observed),
+        3 => Some(ClientBan::Allowlisted),
+        _ => None,
+    }
+}
+
+/// [`scratch_client_ban`] as a global function (see `inspect::wsguard_classify`): 0 no ban,
+/// 1 enforced, 2 observed, 3 allowlisted.
+#[unsafe(no_mangle)]
+pub extern "C" fn wsguard_client_ban() -> u64 {
+    let (Some(s), Some(cfg)) = (crate::inspect::scratch(), CONFIG.get(0)) else {
+        return 0;
+    };
+    let v6 = s.client.v6;
+    match client_ban(&s.client.addr, v6, cfg) {
+        None => 0,
+        Some((ban, allowlisted, observed)) => {
+            if allowlisted {
+                return 3;
+            }
+            // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
+            unsafe { add_u64(&mut (*ban).drops, 1) };
+            if observed { 2 } else { 1 }
+        }
+    }
+}
+
+/// The ban that covers a PROXY flow's real client (16 bytes, IPv4-mapped for IPv4), if any:
+/// the same pre-filter, exact and CIDR lookups, expiry and allowlist as for a packet's source.
+/// Runs once per flow, at its header.
+#[inline(always)]
+fn client_ban(addr: &[u8; 16], v6: bool, cfg: &Config) -> Option<(*mut BanValue, bool, bool)> {
+    let mut a4 = [0u8; 4];
+    a4.copy_from_slice(&addr[12..16]);
+    let bit = if v6 { v6_bit(addr) } else { v4_bit(a4) };
+    let (word, mask) = slot(bit, v6);
+    if BAN_FILTER.get(word).is_some_and(|w| *w & mask != 0) {
+        return None;
+    }
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
+    let p = if v6 { addr.as_ptr() } else { a4.as_ptr() };
+    let ban = lookup_live(v6, p, cfg, jiffies(), hot)?;
+    // SAFETY: a live map value, read once.
+    let flags = unsafe { (*ban).flags };
+    let allowed = || {
+        if v6 {
+            ALLOW_V6.get(Key::new(128, *addr)).is_some()
+        } else {
+            ALLOW_V4.get(Key::new(32, a4)).is_some()
+        }
+    };
+    if flags & BAN_NOT_ALLOWLISTED == 0 && allowed() {
+        return Some((ban, true, false));
+    }
+    Some((
+        ban,
+        false,
+        flags & BAN_OBSERVE != 0 || cfg.flags & CFG_OBSERVE != 0,
+    ))
 }
 
 /// The live ban of `addr` (4 or 16 readable bytes, as `v6` says), for the TC program.

@@ -13,9 +13,12 @@ mod ban;
 mod bench;
 mod clock;
 mod counters;
+mod flow;
 mod inspect;
 mod maps;
 mod parse;
+mod proxy;
+mod rst;
 mod tc;
 mod xdp;
 

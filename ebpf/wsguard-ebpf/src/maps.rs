@@ -10,8 +10,10 @@ use wsguard_common::{
     Classifier,
     filter::FILTER_WORDS,
     maps::{
-        AllowValue, BanValue, COUNTERS_LEN, Config, FlowKey, FlowValue, MAX_INSPECT, RateValue,
+        AllowValue, BanValue, COUNTERS_LEN, Config, FlowKey, FlowValue, MAX_INSPECT,
+        ProxySenderValue, RateValue,
     },
+    proxy::{Client, V1Parser},
 };
 
 /// Default capacity of each ban map; the agent sets the real one from `--max-bans`.
@@ -19,6 +21,8 @@ const DEFAULT_MAX_BANS: u32 = 1_000_000;
 const MAX_ALLOW: u32 = 4096;
 const MAX_FLOWS: u32 = 262_144;
 const MAX_RATES: u32 = 65_536;
+const MAX_PROXY_FROM: u32 = 1024;
+const MAX_PROXY_SENDERS: u32 = 1024;
 
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -56,6 +60,23 @@ pub static ALLOW_V4: LpmTrie<[u8; 4], AllowValue> =
 pub static ALLOW_V6: LpmTrie<[u8; 16], AllowValue> =
     LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
 
+/// Trusted PROXY-protocol senders (`proxy_protocol_from`); only presence matters. Read only on
+/// the first payload of a flow, and only while `CFG_PROXY_TRUST` says the list is configured.
+#[map]
+pub static PROXY_FROM_V4: LpmTrie<[u8; 4], AllowValue> =
+    LpmTrie::with_max_entries(MAX_PROXY_FROM, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static PROXY_FROM_V6: LpmTrie<[u8; 16], AllowValue> =
+    LpmTrie::with_max_entries(MAX_PROXY_FROM, BPF_F_NO_PREALLOC);
+
+/// Senders of PROXY headers that were not believed (unconfigured, or outside the list), keyed
+/// by address (IPv4-mapped), for the agent's status warning. LRU: a flood of forged senders
+/// only evicts older entries.
+#[map]
+pub static PROXY_SENDERS: LruHashMap<[u8; 16], ProxySenderValue> =
+    LruHashMap::with_max_entries(MAX_PROXY_SENDERS, 0);
+
 /// Flows on watched ports, inserted at the first request (after the TCP handshake, so spoofed
 /// floods cannot churn it). LRU: losing an old flow only loses its preservation.
 #[map]
@@ -76,6 +97,29 @@ pub static BURSTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 pub struct Scratch {
     pub buf: [u8; MAX_INSPECT],
     pub clf: Classifier,
+    /// The PROXY v1 line parser, fed like the classifier.
+    pub v1: V1Parser,
+    /// The flow path's working values, here rather than on the stack: LLVM keeps a 16-byte
+    /// address read from the packet as sixteen scalars and spills each to its own 8-byte stack
+    /// slot across a helper call, which alone would overflow the 512-byte stack. Written here,
+    /// they go from the packet to memory and stay there.
+    /// The key of the packet's flow.
+    pub key: FlowKey,
+    pub _pad: [u8; 4],
+    /// The flow value being recorded.
+    pub flow: FlowValue,
+    /// The client a PROXY header named.
+    pub client: Client,
+    /// The packet's source and destination address, for the RST rewrite.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The address a bad request is charged to (`inspect::charge`).
+    pub charged: [u8; 16],
+    /// The counter of the packet's source-ban outcome, parked here across the flow path: a
+    /// value in map memory is unknown to the verifier, so the few outcomes do not multiply
+    /// the states in which it walks that path (in a register or on the stack they would).
+    pub action: u32,
+    pub _pad2: u32,
 }
 
 #[map]

@@ -66,6 +66,12 @@ pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Result<*const T, Unparsed> {
     Ok((start + off) as *const T)
 }
 
+/// As [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &impl Packet, off: usize) -> Result<*mut T, Unparsed> {
+    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+}
+
 #[inline(always)]
 fn read<T: Copy>(ctx: &impl Packet, off: usize) -> Result<T, Unparsed> {
     // SAFETY: ptr_at checked that the whole T lies inside the packet; unaligned because packet
@@ -92,6 +98,8 @@ fn l2(ctx: &impl Packet) -> Result<(u16, usize), Unparsed> {
 /// clean path copies nothing before the ban lookup.
 pub struct L3 {
     pub v6: bool,
+    /// Where the IP header starts (after Ethernet and VLAN tags).
+    pub l3_off: usize,
     pub src: *const u8,
     pub dst: *const u8,
     /// Upper-layer protocol, or `None` for a non-first fragment (no L4 header to see).
@@ -155,6 +163,7 @@ fn parse_v4(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
     let frag = u16::from_be_bytes([h[6], h[7]]);
     let l3 = L3 {
         v6: false,
+        l3_off: off,
         src: h[12..16].as_ptr(),
         dst: h[16..20].as_ptr(),
         // Fragment offset != 0: a later fragment, no transport header in it.
@@ -186,6 +195,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
     let mut l4_off = off + 40;
     let mut l3 = L3 {
         v6: true,
+        l3_off: off,
         src: h[8..24].as_ptr(),
         dst: h[24..40].as_ptr(),
         proto: None,
@@ -256,6 +266,9 @@ pub struct Tcp {
     /// Host order.
     pub sport: u16,
     pub dport: u16,
+    /// Host order.
+    pub seq: u32,
+    pub ack: u32,
     pub flags: u8,
     pub payload_off: usize,
     pub payload_len: usize,
@@ -278,6 +291,8 @@ pub fn parse_tcp(ctx: &impl Packet, l3: &L3) -> Result<Tcp, Unparsed> {
     Ok(Tcp {
         sport: u16::from_be_bytes([hdr[0], hdr[1]]),
         dport: u16::from_be_bytes([hdr[2], hdr[3]]),
+        seq: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+        ack: u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
         flags: hdr[13],
         payload_off,
         payload_len: l3.l4_end - payload_off,

@@ -11,7 +11,11 @@ use aya_ebpf::{
 use wsguard_common::{
     BadReason, Verdict,
     http::response_status,
-    maps::{BAN_MAY_PRESERVE, Counter, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_HANDSHAKE, FlowKey},
+    maps::{
+        BAN_MAY_PRESERVE, Counter, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_HANDSHAKE, FlowKey,
+        FlowValue, PROXY_CLIENT, PROXY_NONE, PROXY_UNTRUSTED,
+    },
+    proxy::is_v4_mapped,
 };
 
 use crate::{
@@ -20,7 +24,7 @@ use crate::{
     counters::count,
     inspect::record_bad,
     maps::{CONFIG, FLOWS, PORTS},
-    parse::{IPPROTO_TCP, L3, parse_l3, parse_tcp},
+    parse::{IPPROTO_TCP, parse_l3, parse_tcp},
 };
 
 /// Bytes of the status line we read: `HTTP/1.1 101`.
@@ -77,30 +81,49 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     if flow.verdict == Verdict::Tls as u8 {
         // Payload in both directions: for TLS that is as established as we can see.
         flow.state = FLOW_ESTABLISHED;
-        mark_preservable(&l3, flow.first_seen_ns);
+        if let Some(client) = charged(flow, &key) {
+            mark_preservable(&client, flow.first_seen_ns);
+        }
         return Ok(());
     }
     let Some(status) = response_status(&head) else {
         return Ok(());
     };
+    let client = charged(flow, &key);
     if status == 101 {
         flow.state = FLOW_ESTABLISHED;
-        mark_preservable(&l3, flow.first_seen_ns);
+        if let Some(client) = &client {
+            mark_preservable(client, flow.first_seen_ns);
+        }
     } else {
         flow.state = FLOW_ANSWERED;
     }
     if (500..600).contains(&status) {
         // The server's fault (outage, deploy): never counted against the client.
         count(Counter::UpstreamErrors);
-    } else if (400..500).contains(&status) && flow.verdict == Verdict::Valid as u8 {
+    } else if (400..500).contains(&status)
+        && flow.verdict == Verdict::Valid as u8
+        && let Some(client) = &client
+    {
         // Bad requests were counted on ingress already; only count what looked valid there.
         count(Counter::HsBad);
         let cfg = CONFIG.get(0).ok_or(())?;
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_boot_ns() };
-        record_bad(&key.client, BadReason::ServerRejected, tcp.sport, cfg, now);
+        record_bad(client, BadReason::ServerRejected, tcp.sport, cfg, now);
     }
     Ok(())
+}
+
+/// Who answers for a flow's requests: its real client behind a trusted proxy, its source for a
+/// direct flow or an untrusted sender's, nobody for a proxy's own or unread flows.
+#[inline(always)]
+fn charged(flow: &FlowValue, key: &FlowKey) -> Option<[u8; 16]> {
+    match flow.proxy_state() {
+        PROXY_CLIENT => Some(flow.real_client),
+        PROXY_NONE | PROXY_UNTRUSTED => Some(key.client),
+        _ => None,
+    }
 }
 
 /// A flow that started before a ban of its client just became established: it is preserved
@@ -108,12 +131,17 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
 /// sets the flag for flows that already existed when it wrote the ban; this covers handshakes
 /// still in flight then.
 #[inline(always)]
-fn mark_preservable(l3: &L3, first_seen_ns: u64) {
+fn mark_preservable(client: &[u8; 16], first_seen_ns: u64) {
     let Some(cfg) = CONFIG.get(0) else {
         return;
     };
-    // Egress: the client is the destination.
-    if let Some(ban) = live_ban(l3.v6, l3.dst, cfg) {
+    let v6 = !is_v4_mapped(client);
+    let addr = if v6 {
+        client.as_ptr()
+    } else {
+        client[12..].as_ptr()
+    };
+    if let Some(ban) = live_ban(v6, addr, cfg) {
         // SAFETY: a live map value; `flags` is an aligned u32 other writers only OR into or
         // replace whole.
         unsafe {

@@ -1,20 +1,24 @@
 //! XDP ingress: drop banned sources, preserve flows established before their ban, inspect the
-//! first request of each flow on watched ports.
+//! first request of each flow on watched ports (after its PROXY header, from trusted senders),
+//! cut the flows of banned clients behind a proxy.
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        xdp_md,
+    },
     helpers::generated::bpf_xdp_load_bytes,
     macros::xdp,
     programs::XdpContext,
 };
-use wsguard_common::maps::{Config, Counter, FlowKey};
+use wsguard_common::maps::{CFG_CUT_PENDING, Config, Counter, FlowKey};
 
 use crate::{
-    ban::{Banned, judge},
-    clock::now_ns,
-    counters::count,
-    inspect::{first_request, may_start_request},
+    ban::{Banned, judge_unfiltered, proven_clean},
+    counters::{count, count_at},
+    flow::{on_packet, pack},
+    inspect::{may_start_request, scratch},
     maps::{CONFIG, FLOWS, PORTS},
     parse::{IPPROTO_TCP, L3, PROTO_MALFORMED, TCP_FIN, TCP_RST, Tcp, parse_l3, parse_tcp},
 };
@@ -25,6 +29,9 @@ pub fn wsguard_xdp(ctx: XdpContext) -> u32 {
     try_wsguard_xdp(&ctx).unwrap_or(XDP_PASS)
 }
 
+/// `judge_source`'s answer for a drop; otherwise the counter of a pass, 0 for no ban.
+const DROPPED: u64 = 1 << 32;
+
 #[inline(always)]
 fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let len = ctx.data_end() - ctx.data();
@@ -33,18 +40,20 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(XDP_PASS);
     };
     let cfg = CONFIG.get(0).ok_or(())?;
-    let mut action = Counter::Passed;
-    if let Some(verdict) = judge::<true>(ctx, &l3, cfg) {
-        match verdict {
-            Banned::Drop => {
+    let s = scratch().ok_or(())?;
+    s.action = Counter::Passed as u32;
+    if !proven_clean(&l3) {
+        match judge_source(ctx.as_ptr() as *mut xdp_md, &l3, cfg) {
+            0 => {}
+            DROPPED => {
                 count(Counter::Dropped);
                 return Ok(XDP_DROP);
             }
-            Banned::Pass(c) => action = c,
+            c => s.action = c as u32,
         }
     }
     let Some(proto) = l3.proto else {
-        count(action);
+        count_at(s.action);
         return Ok(XDP_PASS);
     };
     if proto == PROTO_MALFORMED {
@@ -56,10 +65,97 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             count(Counter::Unparsed);
             return Ok(XDP_PASS);
         };
-        on_watched_port(ctx, &l3, &tcp, cfg);
+        if needs_flow(ctx, &tcp, cfg) {
+            let fate = flow_path(ctx.as_ptr() as *mut xdp_md, &l3, &tcp);
+            if fate != 0 {
+                // The packet may have been rewritten: `l3` and `tcp` are stale from here.
+                count_at(fate as u32);
+                return Ok((fate >> 32) as u32);
+            }
+        }
     }
-    count(action);
+    count_at(s.action);
     Ok(XDP_PASS)
+}
+
+/// The source's ban, past the pre-filter: 0 none, [`DROPPED`], or the counter of a pass.
+///
+/// This and [`flow_path`] are real BPF subprograms, not inlined: each has its own stack frame,
+/// so the drop path's and the flow path's locals do not add up in one frame past the 512-byte
+/// limit (the verifier bounds the frames of a call chain, not their sum over the program).
+/// Answers come back as one 64-bit scalar: the BPF ABI returns no aggregate (and a 32-bit
+/// return value came back with its upper half undefined to the caller's comparison).
+#[inline(never)]
+fn judge_source(ctx: *mut xdp_md, l3: &L3, cfg: &Config) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    match judge_unfiltered::<true>(&ctx, l3, cfg) {
+        None => 0,
+        Some(Banned::Drop) => DROPPED,
+        Some(Banned::Pass(c)) => c as u64,
+    }
+}
+
+/// Whether this packet on a watched port has anything to do with its flow entry: a FIN or RST
+/// (the entry goes), a payload that may start a request or a PROXY header, or any packet while
+/// cut marks are pending. Everything else (WebSocket data of established flows, direct or
+/// proxied, bare ACKs) passes here with one array read and no lookup.
+#[inline(always)]
+fn needs_flow(ctx: &XdpContext, tcp: &Tcp, cfg: &Config) -> bool {
+    if !PORTS.get(tcp.dport as u32).is_some_and(|w| *w != 0) {
+        return false;
+    }
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 || cfg.flags & CFG_CUT_PENDING != 0 {
+        return true;
+    }
+    tcp.payload_len != 0 && may_start_request(first_byte(ctx, tcp))
+}
+
+/// The flow part of a packet `needs_flow` selected: 0 passes, else `action << 32 | counter`.
+#[inline(never)]
+fn flow_path(ctx: *mut xdp_md, l3: &L3, tcp: &Tcp) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        if let Some(s) = scratch() {
+            write_key(l3, tcp, &mut s.key);
+            // By reference: by value the key would be copied to the stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            let _ = FLOWS.remove(&s.key);
+        }
+        return 0;
+    }
+    let first = if tcp.payload_len == 0 {
+        0
+    } else {
+        first_byte(&ctx, tcp)
+    };
+    pack(on_packet(&ctx, l3, tcp, first))
+}
+
+/// Write this packet's flow key into `k` (map memory): the address bytes go from the packet to
+/// memory, never through sixteen registers each (see `Scratch`).
+#[inline(always)]
+pub fn write_key(l3: &L3, tcp: &Tcp, k: &mut FlowKey) {
+    write_addr(l3.v6, l3.src, &mut k.client);
+    write_addr(l3.v6, l3.dst, &mut k.server);
+    k.client_port = tcp.sport.to_be();
+    k.server_port = tcp.dport.to_be();
+}
+
+/// An address of the packet (`v6`: 16 bytes at `p`, else 4) as the 16 bytes the maps key it by.
+#[inline(always)]
+pub fn write_addr(v6: bool, p: *const u8, out: &mut [u8; 16]) {
+    let o = out.as_mut_ptr();
+    // SAFETY: `parse_l3` bounds-checked 16 (IPv6) or 4 (IPv4) bytes at `p`; `out` is 16 bytes.
+    unsafe {
+        if v6 {
+            core::ptr::copy_nonoverlapping(p, o, 16);
+        } else {
+            // `::ffff:a.b.c.d`, the prefix as volatile words (not a `memset` call).
+            (o as *mut [u8; 8]).write_volatile([0; 8]);
+            (o.add(8) as *mut [u8; 4]).write_volatile([0, 0, 0xff, 0xff]);
+            core::ptr::copy_nonoverlapping(p, o.add(12), 4);
+        }
+    }
 }
 
 #[inline(always)]
@@ -69,24 +165,6 @@ pub fn flow_key(l3: &L3, tcp: &Tcp) -> FlowKey {
         server: l3.dst16(),
         client_port: tcp.sport.to_be(),
         server_port: tcp.dport.to_be(),
-    }
-}
-
-#[inline(always)]
-fn on_watched_port(ctx: &XdpContext, l3: &L3, tcp: &Tcp, cfg: &Config) {
-    let watched = PORTS.get(tcp.dport as u32).is_some_and(|w| *w != 0);
-    if !watched {
-        return;
-    }
-    if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
-        let _ = FLOWS.remove(flow_key(l3, tcp));
-        return;
-    }
-    if tcp.payload_len == 0 {
-        return;
-    }
-    if may_start_request(first_byte(ctx, tcp)) {
-        first_request(ctx, l3, tcp, cfg, now_ns());
     }
 }
 

@@ -1,3 +1,4 @@
-//! Support for the `classify` fuzz target: the reference classifier it compares against.
+//! Support for the fuzz targets: the plain reference implementations they compare against.
 
+pub mod proxy_reference;
 pub mod reference;
