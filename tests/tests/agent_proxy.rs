@@ -147,6 +147,16 @@ fn trusted_senders_are_allowlisted_never_banned_and_not_removable() -> Result<()
     s.wait_ban(s.lab.ip_b)?;
     ensure!(s.ban(&lb)?.is_none(), "the trusted sender was banned");
     ensure!(s.pings(s.lab.ip_b2)? == 3, "the trusted sender is dropped");
+    // The kernel never charged it: flows without a header from a trusted sender are counted
+    // `missing` (reported under v1), and no burst of it ever reached the policy: the only
+    // refusals are the three bans above, the only bad handshakes the clean source's.
+    let st = s.get("/v1/stats")?;
+    ensure!(
+        st["proxy_headers"]["v1"]["missing"].as_u64() >= Some(10)
+            && st["bans"]["refused"] == 3
+            && st["handshakes"]["bad"] == 10,
+        "{st}"
+    );
     // Not persisted: the config is the only source of these entries.
     let st = s.wait_state("the state file", |_| true)?;
     ensure!(
@@ -178,6 +188,103 @@ fn a_pinned_ban_of_a_load_balancer_is_lifted_once_it_is_trusted() -> Result<()> 
     ensure!(
         s.pings(s.lab.ip_b2)? == 3,
         "the load balancer is still dropped"
+    );
+    Ok(())
+}
+
+/// `wsguard explain` (no agent) on a payload that begins with a PROXY header: the data plane's
+/// own parser names the client, and the request after the header is judged.
+fn explain(payload: &[u8]) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("payload");
+    std::fs::write(&f, payload)?;
+    let out = run_with_timeout(
+        Command::new(wsguard_bin()?).args(["explain", f.to_str().unwrap(), "-o", "json"]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "explain: {out:?}");
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn explain_reads_a_leading_proxy_header() -> Result<()> {
+    use wsguard_tests::lab::proxy_header;
+    let bad = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\r\n".to_vec();
+    let valid = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    let node: std::net::SocketAddr = "198.18.0.1:80".parse()?;
+    let c4: std::net::SocketAddr = "203.0.113.7:5555".parse()?;
+    let c6: std::net::SocketAddr = "[fd00::7]:4444".parse()?;
+
+    let v1 = proxy_header::v1(c4, node);
+    let e = explain(&[v1.clone(), bad.clone()].concat())?;
+    ensure!(
+        e["proxy"]["version"] == "v1"
+            && e["proxy"]["client"] == "203.0.113.7"
+            && e["proxy"]["client_port"] == 5555
+            && e["proxy"]["header_bytes"] == v1.len()
+            && e["verdict"] == "bad"
+            && e["reason"] == "no_upgrade"
+            && e["counts_against_client"] == true
+            && e["total_bytes"] == bad.len(),
+        "{e}"
+    );
+    // v2 over IPv6 with a TLV (skipped by the length), a valid handshake after it.
+    let v2 = proxy_header::v2(c6, "[fd00::1]:80".parse()?, &[0x04, 0x00, 0x02, 0, 0]);
+    let e = explain(&[v2.clone(), valid].concat())?;
+    ensure!(
+        e["proxy"]["version"] == "v2"
+            && e["proxy"]["client"] == "fd00::7"
+            && e["proxy"]["header_bytes"] == v2.len()
+            && e["verdict"] == "valid"
+            && e["counts_against_client"] == false,
+        "{e}"
+    );
+    // A health check: LOCAL, never counted, whatever follows.
+    let e = explain(
+        &[
+            proxy_header::v2_local(),
+            b"GET /h HTTP/1.0\r\n\r\n".to_vec(),
+        ]
+        .concat(),
+    )?;
+    ensure!(
+        e["proxy"]["header"] == "local"
+            && e["proxy"]["client"].is_null()
+            && e["counts_against_client"] == false,
+        "{e}"
+    );
+    // Malformed (a leading zero): charged to nobody.
+    let e = explain(
+        &[
+            b"PROXY TCP4 203.0.113.07 198.18.0.1 5555 80\r\n".to_vec(),
+            bad.clone(),
+        ]
+        .concat(),
+    )?;
+    ensure!(
+        e["proxy"]["header"] == "malformed" && e["counts_against_client"] == false,
+        "{e}"
+    );
+    // No header: as before.
+    let e = explain(&bad)?;
+    ensure!(
+        e["proxy"].is_null() && e["counts_against_client"] == true,
+        "{e}"
+    );
+    // The table names the client.
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("p");
+    std::fs::write(&f, [v1, bad].concat())?;
+    let out = run_with_timeout(
+        Command::new(wsguard_bin()?).args(["explain", f.to_str().unwrap()]),
+        Duration::from_secs(30),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("naming client 203.0.113.7:5555") && text.contains("ban of 203.0.113.7"),
+        "{text}"
     );
     Ok(())
 }

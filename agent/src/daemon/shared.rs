@@ -173,6 +173,7 @@ impl Agent {
             ),
             Err(e) => warn!("cannot settle which bans preserve flows: {e}"),
         }
+        super::proxy::settle(&mut g);
         drop(g);
         if !gone.is_empty() {
             info!(count = gone.len(), "bans expired");

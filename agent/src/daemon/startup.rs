@@ -135,6 +135,10 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
         .context("cannot write the kernel CONFIG")?;
     dp.set_ports(&cfg.ports)
         .context("cannot write the watched ports")?;
+    // At every start (fresh, adopted or upgraded maps): the config is the only source of the
+    // trusted senders, so a sender dropped from it stops being believed here.
+    dp.set_proxy_trust(&cfg.proxy_protocol_from)
+        .context("cannot write the trusted PROXY senders (proxy_protocol_from)")?;
 
     let mut policy = Policy::new(policy_config(cfg), &kernel::node_addrs(), &cfg.allow);
     // Before the bans are reconciled: a pinned ban of a load balancer (an older build judged
