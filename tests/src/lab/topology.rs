@@ -87,6 +87,18 @@ impl Topology {
             switch,
         };
         plug(&topo.node, &topo.switch, "pnode")?;
+        // Frames wsguard sends back with XDP_TX from the node's NIC (the RSTs that cut a
+        // proxied flow) arrive on this veth's switch end, which veth only accepts in NAPI
+        // mode: GRO on (or an XDP program there), as a real NIC's wire needs nothing of.
+        let gro = topo.switch.exec(
+            &["ethtool", "-K", "pnode", "gro", "on"],
+            std::time::Duration::from_secs(10),
+        )?;
+        ensure!(
+            gro.status.success(),
+            "ethtool -K pnode gro on: {}",
+            String::from_utf8_lossy(&gro.stderr)
+        );
         let (v4, v6) = (topo.node_ip4, topo.node_ip6);
         address(&topo.node, NODE_IF, v4, v6)?;
         for (i, spec) in specs.iter().enumerate() {
@@ -111,6 +123,11 @@ impl Topology {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no peer named {name:?} in this lab"))
+    }
+
+    /// The switch's namespace (the bridge and the peers' ports).
+    pub fn switch(&self) -> &NetNs {
+        &self.switch
     }
 
     /// The node's address of the family `v6` selects.
