@@ -143,7 +143,7 @@ impl Pkt {
             }
             l4.extend_from_slice(&self.seq.to_be_bytes());
             l4.extend_from_slice(&self.ack.to_be_bytes());
-            l4.push(((20 + opts.len()) / 4 << 4) as u8); // data offset
+            l4.push((((20 + opts.len()) / 4) << 4) as u8); // data offset
             l4.push(self.flags);
             l4.extend_from_slice(&65535u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent

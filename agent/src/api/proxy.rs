@@ -8,10 +8,15 @@
 //! - `status`: `"proxy_protocol": {"from": [CIDR…], "untrusted_senders": [{"addr","version",
 //!   "flows","last_seen_s"}]}`: the trusted senders as configured, and the hosts that sent
 //!   PROXY headers without being trusted (with nothing configured, every sender).
+//!   `version` is `v1`, `v2` or `v1,v2` (both seen); senders now inside the list, or not heard
+//!   from for an hour, are left out.
 //! - `flows`: `"proxy_client"`, `"proxy_client_port"` (the client a PROXY header named, whom
 //!   the flow is judged and banned by; `null` for direct flows) and `"proxy_state"` (`null`
-//!   for direct flows, else the header's outcome, see [`ProxyResultsJson`] and `awaiting`,
-//!   `cut`).
+//!   for direct flows, else `client|local|malformed|missing|untrusted` as in
+//!   [`ProxyResultsJson`], `unconfigured` (a header while nothing is trusted: never judged),
+//!   `awaiting` (the header came alone; the request is the next segment) or `cut`).
+//! - `stats.proxy_headers.v1.missing` holds every trusted flow without a header (it has no
+//!   version); `v2.missing` is always 0.
 
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +74,7 @@ pub struct ProxyStatusJson {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxySenderJson {
     pub addr: String,
-    /// `v1` or `v2`: the last header it sent.
+    /// `v1`, `v2`, or `v1,v2` when it sent both.
     pub version: String,
     /// Flows it began with a PROXY header.
     pub flows: u64,
