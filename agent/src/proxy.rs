@@ -27,6 +27,10 @@ pub const KEY: &str = "proxy_protocol_from";
 /// The allowlist reason of a trusted sender: it names the setting that made it.
 pub const ALLOW_REASON: &str = "trusted PROXY protocol sender (proxy_protocol_from)";
 
+/// Entries per address family the kernel's trusted-sender tries hold (checked here so that a
+/// too long list stops the agent before it touches the kernel).
+pub const MAX_PER_FAMILY: usize = 1024;
+
 /// Validate `proxy_protocol_from`.
 pub fn trusted_from(raw: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     let mut out: Vec<Cidr> = Vec::with_capacity(raw.len());
@@ -41,6 +45,16 @@ pub fn trusted_from(raw: &[String]) -> Result<Vec<Cidr>, ConfigError> {
         }
         if !out.contains(&c) {
             out.push(c);
+        }
+    }
+    for v4 in [true, false] {
+        let n = out.iter().filter(|c| c.is_v4() == v4).count();
+        if n > MAX_PER_FAMILY {
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            return Err(invalid(
+                &format!("{n} {family} entries"),
+                format!("at most {MAX_PER_FAMILY} per address family; list subnets instead"),
+            ));
         }
     }
     Ok(out)
@@ -195,6 +209,19 @@ mod tests {
             assert!(p.allow_entries().all(|e| e.source != AllowSource::Proxy));
             p.ban(req("198.18.0.5", BanSource::Manual), T0).unwrap();
         }
+    }
+
+    #[test]
+    fn at_most_the_kernel_capacity_per_family() {
+        let many: Vec<String> = (0..=MAX_PER_FAMILY)
+            .map(|i| format!("10.{}.{}.1", i / 256, i % 256))
+            .collect();
+        let e = trusted_from(&many).unwrap_err().to_string();
+        assert!(
+            e.contains("proxy_protocol_from") && e.contains("1025 IPv4 entries"),
+            "{e}"
+        );
+        assert!(trusted_from(&many[..MAX_PER_FAMILY]).is_ok());
     }
 
     #[test]
