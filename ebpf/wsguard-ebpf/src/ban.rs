@@ -53,6 +53,33 @@ pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Optio
     judge_unfiltered::<HOLD>(ctx, l3, cfg)
 }
 
+/// The held verdict's common case, for the XDP entry to take without a call into its judging
+/// subprogram: this CPU holds an enforced drop verdict for this very source in this jiffy
+/// (see [`judge`]), the ban cannot have a flow to preserve (hard, or no `BAN_MAY_PRESERVE`),
+/// and the drop does not fill a batch. Then the drop is counted in the batch and true comes
+/// back; anything else (preserve check, batch flush, no held verdict) is false, and the caller
+/// judges the source in full, which sees the same state and does the rest.
+#[inline(always)]
+pub fn held_drop(l3: &L3, cfg: &Config) -> bool {
+    let Some(hot) = HOT_BAN.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hot = unsafe { &mut *hot };
+    let no_flow = hot.flags & BAN_HARD != 0 || hot.flags & BAN_MAY_PRESERVE == 0;
+    if hot.held != 0
+        && no_flow
+        && hot.count + 1 < DROP_BATCH
+        && hot.jiffies == jiffies()
+        && hot.cfg_flags == cfg.flags
+        && hot.src == src_words(l3)
+    {
+        hot.count += 1;
+        return true;
+    }
+    false
+}
+
 /// [`judge`] past the pre-filter.
 #[inline(always)]
 pub fn judge_unfiltered<const HOLD: bool>(

@@ -115,11 +115,6 @@ pub struct Scratch {
     pub dst: [u8; 16],
     /// The address a bad request is charged to (`inspect::charge`).
     pub charged: [u8; 16],
-    /// The counter of the packet's source-ban outcome, parked here across the flow path: a
-    /// value in map memory is unknown to the verifier, so the few outcomes do not multiply
-    /// the states in which it walks that path (in a register or on the stack they would).
-    pub action: u32,
-    pub _pad2: u32,
 }
 
 #[map]

@@ -121,6 +121,48 @@ impl L3 {
     }
 }
 
+impl L3 {
+    /// This L3 as two scalars, for a call to a BPF subprogram ([`L3::unpack`] on the other
+    /// side). Passing a reference would make the caller keep the struct in stack memory, a
+    /// store per field on every packet, the clean ones included; scalars stay in registers.
+    #[inline(always)]
+    pub fn pack(&self) -> (u64, u64) {
+        let proto = self.proto.map_or(0, |p| 0x100 | u64::from(p));
+        (
+            self.l3_off as u64 | u64::from(self.v6) << 16 | proto << 24,
+            self.l4_off as u64 | (self.l4_end as u64) << 32,
+        )
+    }
+
+    /// The L3 that [`L3::pack`] made of this packet, its address pointers bounds-checked again.
+    #[inline(always)]
+    pub fn unpack(ctx: &impl Packet, a: u64, b: u64) -> Result<L3, Unparsed> {
+        let l3_off = (a & 0xffff) as usize;
+        let v6 = (a >> 16) & 1 != 0;
+        let proto = (a >> 24) & 0x1ff;
+        // Source and destination are contiguous in both headers.
+        let src = if v6 {
+            ptr_at::<[u8; 32]>(ctx, l3_off + 8)? as *const u8
+        } else {
+            ptr_at::<[u8; 8]>(ctx, l3_off + 12)? as *const u8
+        };
+        Ok(L3 {
+            v6,
+            l3_off,
+            src,
+            // SAFETY: inside the bytes ptr_at checked.
+            dst: unsafe { src.add(if v6 { 16 } else { 4 }) },
+            proto: if proto & 0x100 != 0 {
+                Some(proto as u8)
+            } else {
+                None
+            },
+            l4_off: (b & 0xffff_ffff) as usize,
+            l4_end: (b >> 32) as usize,
+        })
+    }
+}
+
 #[inline(always)]
 fn addr16(v6: bool, p: *const u8) -> [u8; 16] {
     // SAFETY: `parse_l3` only builds L3 values whose address pointers were bounds-checked for

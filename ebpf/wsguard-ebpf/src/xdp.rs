@@ -15,7 +15,7 @@ use aya_ebpf::{
 use wsguard_common::maps::{CFG_CUT_PENDING, Config, Counter, FlowKey};
 
 use crate::{
-    ban::{Banned, judge_unfiltered, proven_clean},
+    ban::{Banned, held_drop, judge_unfiltered, proven_clean},
     counters::{count, count_at},
     flow::{on_packet, pack},
     inspect::{may_start_request, scratch},
@@ -40,20 +40,24 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(XDP_PASS);
     };
     let cfg = CONFIG.get(0).ok_or(())?;
-    let s = scratch().ok_or(())?;
-    s.action = Counter::Passed as u32;
+    let mut action = Counter::Passed as u32;
     if !proven_clean(&l3) {
-        match judge_source(ctx.as_ptr() as *mut xdp_md, &l3, cfg) {
+        if held_drop(&l3, cfg) {
+            count(Counter::Dropped);
+            return Ok(XDP_DROP);
+        }
+        let (a, b) = l3.pack();
+        match judge_source(ctx.as_ptr() as *mut xdp_md, a, b, cfg) {
             0 => {}
             DROPPED => {
                 count(Counter::Dropped);
                 return Ok(XDP_DROP);
             }
-            c => s.action = c as u32,
+            c => action = c as u32,
         }
     }
     let Some(proto) = l3.proto else {
-        count_at(s.action);
+        count_at(action);
         return Ok(XDP_PASS);
     };
     if proto == PROTO_MALFORMED {
@@ -66,7 +70,8 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(XDP_PASS);
         };
         if needs_flow(ctx, &tcp, cfg) {
-            let fate = flow_path(ctx.as_ptr() as *mut xdp_md, &l3, &tcp);
+            let (a, b) = l3.pack();
+            let fate = flow_path(ctx.as_ptr() as *mut xdp_md, a, b);
             if fate != 0 {
                 // The packet may have been rewritten: `l3` and `tcp` are stale from here.
                 count_at(fate as u32);
@@ -74,7 +79,7 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             }
         }
     }
-    count_at(s.action);
+    count_at(action);
     Ok(XDP_PASS)
 }
 
@@ -83,12 +88,16 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 /// This and [`flow_path`] are real BPF subprograms, not inlined: each has its own stack frame,
 /// so the drop path's and the flow path's locals do not add up in one frame past the 512-byte
 /// limit (the verifier bounds the frames of a call chain, not their sum over the program).
-/// Answers come back as one 64-bit scalar: the BPF ABI returns no aggregate (and a 32-bit
-/// return value came back with its upper half undefined to the caller's comparison).
+/// They take the L3 packed in scalars (`L3::pack`), so the clean path keeps it in registers,
+/// and answer with one 64-bit scalar: the BPF ABI returns no aggregate (and a 32-bit return
+/// value came back with its upper half undefined to the caller's comparison).
 #[inline(never)]
-fn judge_source(ctx: *mut xdp_md, l3: &L3, cfg: &Config) -> u64 {
+fn judge_source(ctx: *mut xdp_md, a: u64, b: u64, cfg: &Config) -> u64 {
     let ctx = XdpContext::new(ctx);
-    match judge_unfiltered::<true>(&ctx, l3, cfg) {
+    let Ok(l3) = L3::unpack(&ctx, a, b) else {
+        return 0;
+    };
+    match judge_unfiltered::<true>(&ctx, &l3, cfg) {
         None => 0,
         Some(Banned::Drop) => DROPPED,
         Some(Banned::Pass(c)) => c as u64,
@@ -112,8 +121,15 @@ fn needs_flow(ctx: &XdpContext, tcp: &Tcp, cfg: &Config) -> bool {
 
 /// The flow part of a packet `needs_flow` selected: 0 passes, else `action << 32 | counter`.
 #[inline(never)]
-fn flow_path(ctx: *mut xdp_md, l3: &L3, tcp: &Tcp) -> u64 {
+fn flow_path(ctx: *mut xdp_md, a: u64, b: u64) -> u64 {
     let ctx = XdpContext::new(ctx);
+    let Ok(l3) = L3::unpack(&ctx, a, b) else {
+        return 0;
+    };
+    let Ok(tcp) = parse_tcp(&ctx, &l3) else {
+        return 0;
+    };
+    let (l3, tcp) = (&l3, &tcp);
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
         if let Some(s) = scratch() {
             write_key(l3, tcp, &mut s.key);

@@ -57,7 +57,7 @@ const LAYOUT1_BAN_MAPS: [&str; 4] = ["BANS_V4", "BANS_V6", "BAN_CIDRS_V4", "BAN_
 
 /// Runs the kill switch when the test ends, passed or failed, before the namespaces and the
 /// bpffs go (declare it after them).
-struct Detach(PathBuf);
+pub(crate) struct Detach(pub(crate) PathBuf);
 
 impl Drop for Detach {
     fn drop(&mut self) {
@@ -88,15 +88,15 @@ fn fnv(bytes: &[u8]) -> u64 {
 
 /// The bans a layout-1 agent wrote: no `BAN_MAY_PRESERVE`, `BAN_NOT_ALLOWLISTED` where no
 /// allowlist entry overlaps (none here does).
-struct Planted {
-    v4: (Ipv4Addr, BanValue),
-    v6: (Ipv6Addr, BanValue),
-    cidr_v4: (Ipv4Addr, u32, BanValue),
-    cidr_v6: (Ipv6Addr, u32, BanValue),
-    allow: Cidr,
+pub(crate) struct Planted {
+    pub(crate) v4: (Ipv4Addr, BanValue),
+    pub(crate) v6: (Ipv6Addr, BanValue),
+    pub(crate) cidr_v4: (Ipv4Addr, u32, BanValue),
+    pub(crate) cidr_v6: (Ipv6Addr, u32, BanValue),
+    pub(crate) allow: Cidr,
 }
 
-fn planted(lab: &VethLab) -> Planted {
+pub(crate) fn planted(lab: &VethLab) -> Planted {
     let now = wsguard::datapath::boot_ns();
     let hour = 3_600_000_000_000;
     let v = |created_ns, expires_ns, flags| BanValue {
@@ -136,6 +136,18 @@ fn planted(lab: &VethLab) -> Planted {
 /// egress through BPF links pinned under `links/`, and write the records. Returns the build id
 /// written in the layout record.
 fn layout1_agent(lab: &VethLab, o: &DataPathOptions, p: &Planted) -> Result<u64> {
+    previous_agent(lab, o, p, LAYOUT1_OBJECT, 1)
+}
+
+/// [`layout1_agent`] for the release `object` with map layout `version` (1 and 2 pin the same
+/// maps and fill them the same way).
+pub(crate) fn previous_agent(
+    lab: &VethLab,
+    o: &DataPathOptions,
+    p: &Planted,
+    object: &[u8],
+    version: u32,
+) -> Result<u64> {
     let maps_dir = pin(o, "maps");
     for dir in [o.pin_dir.clone(), maps_dir.clone(), pin(o, "links")] {
         mkdir_0700(&dir)?;
@@ -148,8 +160,8 @@ fn layout1_agent(lab: &VethLab, o: &DataPathOptions, p: &Planted) -> Result<u64>
         loader.map_pin_path(name, maps_dir.join(name));
     }
     let mut ebpf = loader
-        .load(LAYOUT1_OBJECT)
-        .context("aya loads the layout-1 fixture")?;
+        .load(object)
+        .with_context(|| format!("aya loads the layout-{version} fixture"))?;
     for name in LAYOUT1_PINNED {
         ensure!(maps_dir.join(name).exists(), "{name} not pinned");
     }
@@ -162,7 +174,7 @@ fn layout1_agent(lab: &VethLab, o: &DataPathOptions, p: &Planted) -> Result<u64>
             threshold: 9,
             cidr_v4: 1,
             cidr_v6: 1,
-            layout_version: 1,
+            layout_version: version,
             ..Config::new()
         },
         0,
@@ -203,12 +215,13 @@ fn layout1_agent(lab: &VethLab, o: &DataPathOptions, p: &Planted) -> Result<u64>
         .context("XDP program in the fixture")?
         .try_into()?;
     xdp.load()
-        .context("the verifier accepts the layout-1 XDP")?;
+        .with_context(|| format!("the verifier accepts the layout-{version} XDP"))?;
     let tc: &mut SchedClassifier = ebpf
         .program_mut(programs::TC_EGRESS)
         .context("TC program in the fixture")?
         .try_into()?;
-    tc.load().context("the verifier accepts the layout-1 TC")?;
+    tc.load()
+        .with_context(|| format!("the verifier accepts the layout-{version} TC"))?;
     let iface = lab.if_a.clone();
     lab.a.run(|| -> Result<()> {
         let xdp: &mut Xdp = ebpf.program_mut(programs::XDP).context("XDP")?.try_into()?;
@@ -229,29 +242,32 @@ fn layout1_agent(lab: &VethLab, o: &DataPathOptions, p: &Planted) -> Result<u64>
         link.pin(pin(o, "links").join(format!("{iface}_tc")))?;
         Ok(())
     })??;
-    let build = fnv(LAYOUT1_OBJECT);
-    symlink(format!("layout-v1-build-{build:016x}"), pin(o, "layout"))?;
+    let build = fnv(object);
+    symlink(
+        format!("layout-v{version}-build-{build:016x}"),
+        pin(o, "layout"),
+    )?;
     // The agent exits: the pinned links keep the programs, the pins keep the maps.
     drop(ebpf);
     Ok(build)
 }
 
-fn pinned_v4(o: &DataPathOptions, a: Ipv4Addr) -> Result<BanValue> {
+pub(crate) fn pinned_v4(o: &DataPathOptions, a: Ipv4Addr) -> Result<BanValue> {
     let m: HashMap<_, [u8; 4], BanValue> = HashMap::try_from(pinned_map(o, "BANS_V4")?)?;
     Ok(m.get(&a.octets(), 0)?)
 }
 
-fn pinned_v6(o: &DataPathOptions, a: Ipv6Addr) -> Result<BanValue> {
+pub(crate) fn pinned_v6(o: &DataPathOptions, a: Ipv6Addr) -> Result<BanValue> {
     let m: HashMap<_, [u8; 16], BanValue> = HashMap::try_from(pinned_map(o, "BANS_V6")?)?;
     Ok(m.get(&a.octets(), 0)?)
 }
 
-fn pinned_cidr_v4(o: &DataPathOptions, a: Ipv4Addr, len: u32) -> Result<BanValue> {
+pub(crate) fn pinned_cidr_v4(o: &DataPathOptions, a: Ipv4Addr, len: u32) -> Result<BanValue> {
     let m: LpmTrie<_, [u8; 4], BanValue> = LpmTrie::try_from(pinned_map(o, "BAN_CIDRS_V4")?)?;
     Ok(m.get(&Key::new(len, a.octets()), 0)?)
 }
 
-fn pinned_cidr_v6(o: &DataPathOptions, a: Ipv6Addr, len: u32) -> Result<BanValue> {
+pub(crate) fn pinned_cidr_v6(o: &DataPathOptions, a: Ipv6Addr, len: u32) -> Result<BanValue> {
     let m: LpmTrie<_, [u8; 16], BanValue> = LpmTrie::try_from(pinned_map(o, "BAN_CIDRS_V6")?)?;
     Ok(m.get(&Key::new(len, a.octets()), 0)?)
 }

@@ -9,6 +9,8 @@
 mod attach;
 mod crash;
 mod layout;
+mod layout2;
 mod preserve;
+mod proxy;
 mod support;
 mod upgrade;
