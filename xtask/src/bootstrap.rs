@@ -33,7 +33,6 @@ const LLVM_PACKAGES: &[&str] = &[
 ];
 /// Real peers the integration tests drive.
 pub const LAB_PACKAGES: &[&str] = &[
-    "ethtool",
     "haproxy",
     "iproute2",
     "iputils-ping",

@@ -3,7 +3,7 @@
 //! ingress-nginx does with `use-proxy-protocol: "true"`. Clients and attackers connect to the
 //! load balancer; the node sees every proxied flow come from the load balancer's address.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -14,7 +14,7 @@ use super::{
     haproxy::{Haproxy, LbSpec, SendProxy},
     nginx::Listen,
     proc::Proc,
-    topology::{HTTP_PORT, PeerSpec},
+    topology::{HTTP_PORT, NODE_PORT, PeerSpec},
 };
 
 /// The load balancer's peer name.
@@ -44,8 +44,9 @@ impl LbOptions {
 }
 
 pub struct ProxiedLab {
-    // Field order is drop order: HAProxy lives in one of the lab's namespaces.
+    // Field order is drop order: HAProxy and the pass program live in the lab's namespaces.
     pub lb: Haproxy,
+    _napi: aya::Ebpf,
     pub lab: Lab,
 }
 
@@ -71,7 +72,12 @@ impl ProxiedLab {
             check_every: opts.check_every,
         };
         let lb = Haproxy::start(&p.ns, lab.dir(), spec)?;
-        Ok(Self { lb, lab })
+        let napi = switch_port_napi(&lab)?;
+        Ok(Self {
+            lb,
+            _napi: napi,
+            lab,
+        })
     }
 
     /// The load balancer's address of the family `v6` selects.
@@ -159,4 +165,22 @@ impl ProxiedLab {
             .check(r)
             .map_err(|e| e.context(format!("--- haproxy (last lines)\n{tail}")))
     }
+}
+
+/// The RSTs wsguard sends back to the load balancer leave the node's NIC with XDP_TX; on a veth
+/// in native mode such frames reach the other end only if that end runs NAPI, i.e. has an XDP
+/// program of its own (a real NIC's wire needs nothing). An XDP_PASS program (the object's
+/// benchmark reference) on the switch's end of the node's NIC; detached when dropped.
+fn switch_port_napi(lab: &Lab) -> Result<aya::Ebpf> {
+    let mut ebpf = wsguard::bpf::load_unpinned()?;
+    lab.topo.switch().run(|| -> Result<()> {
+        let p: &mut aya::programs::Xdp = ebpf
+            .program_mut("wsguard_bench_pass")
+            .context("the object has no wsguard_bench_pass")?
+            .try_into()?;
+        p.load()?;
+        p.attach(NODE_PORT, aya::programs::XdpMode::Driver)?;
+        Ok(())
+    })??;
+    Ok(ebpf)
 }
