@@ -2,11 +2,15 @@
 //! kernel, cut flows of hard bans, and the kernel's PROXY counters, senders and per-flow
 //! clients as the API shows them (`crate::api::proxy`).
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use tracing::{debug, info, warn};
 use wsguard_common::maps::{
-    FlowValue, PROXY_AWAITING, PROXY_CLIENT, PROXY_CUT, PROXY_CUT_PENDING, PROXY_LOCAL,
+    FlowKey, FlowValue, PROXY_AWAITING, PROXY_CLIENT, PROXY_CUT, PROXY_CUT_PENDING, PROXY_LOCAL,
     PROXY_MALFORMED, PROXY_MISSING, PROXY_NONE, PROXY_UNCONFIGURED, PROXY_UNTRUSTED,
 };
 
@@ -26,17 +30,48 @@ pub const SENDER_STALE: Duration = Duration::from_secs(3600);
 /// Proxied flows of clients under a new (or newly) hard, enforced ban are cut at their next
 /// packet: a hard ban preserves nothing. A failure leaves the flows to the ban's own drop path
 /// and is logged.
+///
+/// `cut_flows` walks the flow table once per call, so a batch (an import of many hard bans)
+/// first finds, in one walk, the real clients of live proxied flows that the batch covers, and
+/// cuts only those.
 pub fn cut_hard<'a>(g: &mut Inner, bans: impl IntoIterator<Item = &'a Ban>) {
-    for b in bans {
-        if !b.hard || b.mode != Mode::Enforce {
-            continue;
-        }
-        match g.dp.cut_flows(&b.cidr) {
+    let hard: Vec<Cidr> = bans
+        .into_iter()
+        .filter(|b| b.hard && b.mode == Mode::Enforce)
+        .map(|b| b.cidr)
+        .collect();
+    let targets = match hard.len() {
+        0 => return,
+        1 => hard,
+        _ => match g.dp.flows() {
+            Ok(flows) => covered_clients(&flows, &hard),
+            Err(e) => {
+                warn!("cannot read the flows to cut for hard bans: {e}");
+                return;
+            }
+        },
+    };
+    for cidr in targets {
+        match g.dp.cut_flows(&cidr) {
             Ok(0) => {}
-            Ok(n) => info!(addr = %b.cidr, flows = n, "hard ban: cutting its proxied flows"),
-            Err(e) => warn!(addr = %b.cidr, "cannot mark the proxied flows of a hard ban: {e}"),
+            Ok(n) => info!(addr = %cidr, flows = n, "hard ban: cutting its proxied flows"),
+            Err(e) => warn!(addr = %cidr, "cannot mark the proxied flows of a hard ban: {e}"),
         }
     }
+}
+
+/// The real clients (as host CIDRs) of proxied, judged flows that one of `bans` covers.
+fn covered_clients(flows: &[(FlowKey, FlowValue)], bans: &[Cidr]) -> Vec<Cidr> {
+    let hosts: HashSet<Cidr> = bans.iter().filter(|c| c.is_host()).copied().collect();
+    let nets: Vec<&Cidr> = bans.iter().filter(|c| !c.is_host()).collect();
+    let clients: BTreeSet<Cidr> = flows
+        .iter()
+        .filter(|(_, v)| v.proxy_state() == PROXY_CLIENT)
+        .filter_map(|(_, v)| real_client(v))
+        .map(|(ip, _)| Cidr::host(ip))
+        .filter(|c| hosts.contains(c) || nets.iter().any(|n| n.contains(&c.addr())))
+        .collect();
+    clients.into_iter().collect()
 }
 
 /// The sweeper's part: clear the kernel's "cut pending" flag once every marked flow is cut.
@@ -190,6 +225,36 @@ mod tests {
             got,
             [("198.18.0.11", "v1,v2", 1), ("198.18.0.10", "v2", 10)]
         );
+    }
+
+    #[test]
+    fn a_batch_of_hard_bans_cuts_the_clients_it_covers() {
+        let flow = |client: [u8; 16], proxy: u8| {
+            let v = FlowValue {
+                proxy,
+                real_client: client,
+                real_port: 1,
+                ..Default::default()
+            };
+            (FlowKey::default(), v)
+        };
+        let m = wsguard_common::maps::v4_mapped;
+        let flows = [
+            flow(m([203, 0, 113, 7]), PROXY_CLIENT),
+            flow(m([203, 0, 113, 7]), PROXY_CLIENT | PROXY_AWAITING),
+            flow(m([198, 51, 100, 9]), PROXY_CLIENT),
+            flow(m([192, 0, 2, 1]), PROXY_CLIENT),
+            flow(m([203, 0, 113, 8]), PROXY_CUT),
+            flow(m([203, 0, 113, 9]), PROXY_NONE),
+        ];
+        let bans: Vec<Cidr> = ["203.0.113.0/24", "198.51.100.9", "10.0.0.1"]
+            .map(|s| s.parse().unwrap())
+            .to_vec();
+        let got: Vec<String> = covered_clients(&flows, &bans)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(got, ["198.51.100.9", "203.0.113.7"]);
     }
 
     #[test]
