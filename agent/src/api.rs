@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{AllowSource, BanSource, Mode};
 
+mod proxy;
+pub use proxy::{ProxyHeadersJson, ProxyResultsJson, ProxySenderJson, ProxyStatusJson};
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BanJson {
     pub addr: String,
@@ -52,6 +55,9 @@ pub struct PacketsJson {
     pub allowlisted: u64,
     pub preserved: u64,
     pub unparsed: u64,
+    /// Beyond PRODUCT.md: proxied flows of banned clients cut with a TCP RST (issue 12).
+    #[serde(default)]
+    pub reset: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,7 +92,7 @@ pub struct BansStatsJson {
 /// Each stats group as (JSON field name, value), in PRODUCT.md's order: what the CLI's table
 /// and the metrics endpoint both print.
 impl PacketsJson {
-    pub fn items(&self) -> [(&'static str, u64); 6] {
+    pub fn items(&self) -> [(&'static str, u64); 7] {
         [
             ("passed", self.passed),
             ("dropped", self.dropped),
@@ -94,6 +100,7 @@ impl PacketsJson {
             ("allowlisted", self.allowlisted),
             ("preserved", self.preserved),
             ("unparsed", self.unparsed),
+            ("reset", self.reset),
         ]
     }
 }
@@ -131,6 +138,9 @@ pub struct StatsJson {
     pub bad_reasons: BadReasonsJson,
     pub bans: BansStatsJson,
     pub events_lost: u64,
+    /// Beyond PRODUCT.md: PROXY protocol headers by version and outcome (issue 12).
+    #[serde(default)]
+    pub proxy_headers: ProxyHeadersJson,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +174,9 @@ pub struct StatusJson {
     /// CrowdSec LAPI (issue 13), only when the agent has `[crowdsec]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crowdsec: Option<crate::crowdsec::CrowdsecStatusJson>,
+    /// Beyond PRODUCT.md: trusted PROXY senders and the untrusted ones seen (issue 12).
+    #[serde(default)]
+    pub proxy_protocol: ProxyStatusJson,
 }
 
 /// Log detection in `status` (issue 7): present only when the agent has `[logs]`.
@@ -222,6 +235,15 @@ pub struct FlowJson {
     /// Established before a ban of its client: its packets keep passing.
     pub preserved: bool,
     pub age_s: u64,
+    /// Beyond PRODUCT.md (issue 12): for a flow from a trusted PROXY sender, the client its
+    /// header named (the flow is judged and banned by it; `client` is then the load balancer).
+    #[serde(default)]
+    pub proxy_client: Option<String>,
+    #[serde(default)]
+    pub proxy_client_port: Option<u16>,
+    /// `null` for a direct flow; else `client|local|malformed|missing|untrusted|awaiting|cut`.
+    #[serde(default)]
+    pub proxy_state: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,8 @@
 //! - `offense_memory` ("7d"): how long an address's offence history is kept after its last ban.
 //! - `[logs]` (config file only): log sources and rules for TLS-terminated traffic, see
 //!   `crate::logs::config`; its rules default to `threshold`, `window` and `ws_path`, its
-//!   offsets live in `<state_dir>/logs`.
+//!   offsets live in `<state_dir>/logs`, and its `trusted_proxies` to `proxy_protocol_from`
+//!   (`crate::proxy`).
 //! - `[crowdsec]` (config file only): CrowdSec LAPI, see `crate::crowdsec::config`.
 
 use std::{
@@ -72,6 +73,12 @@ pub struct AgentArgs {
     /// CIDR added to the built-in allowlist (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub allow: Vec<String>,
+    /// Trusted sender of PROXY protocol v1/v2 headers, e.g. an L4 load balancer (repeatable):
+    /// its flows are judged by the client the header names, and it is never banned nor
+    /// charged (allowlisted, source `proxy`). Default: none, and a flow that starts with a
+    /// PROXY header is then never judged (`wsguard status` names its sender).
+    #[arg(long, value_name = "CIDR")]
+    pub proxy_protocol_from: Vec<String>,
     /// API socket; default /run/wsguard/wsguard.sock.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -118,6 +125,7 @@ pub struct FileConfig {
     pub mode: Option<Mode>,
     pub max_bans: Option<i64>,
     pub allow: Option<Vec<String>>,
+    pub proxy_protocol_from: Option<Vec<String>>,
     pub socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
@@ -149,6 +157,8 @@ pub struct AgentConfig {
     pub mode: Mode,
     pub max_bans: u32,
     pub allow: Vec<Cidr>,
+    /// Trusted PROXY protocol senders (`crate::proxy`).
+    pub proxy_protocol_from: Vec<Cidr>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
@@ -283,6 +293,10 @@ impl AgentConfig {
             let c: Cidr = a.parse().map_err(|e| invalid("allow", a, e))?;
             allow.push(c);
         }
+        let proxy_protocol_from = crate::proxy::trusted_from(&pick_vec(
+            &args.proxy_protocol_from,
+            &file.proxy_protocol_from,
+        ))?;
 
         let metrics_addr = match args
             .metrics_addr
@@ -348,6 +362,7 @@ impl AgentConfig {
                 window,
                 ws_paths: ws_paths.clone(),
                 state_dir: state_dir.clone(),
+                proxy_protocol_from: proxy_protocol_from.clone(),
             })?),
         };
 
@@ -365,6 +380,7 @@ impl AgentConfig {
             mode: args.mode.or(file.mode).unwrap_or(Mode::Enforce),
             max_bans,
             allow,
+            proxy_protocol_from,
             socket: pick_path(&args.socket, &file.socket, paths::SOCKET),
             state_dir,
             pin_dir: pick_path(&args.pin_dir, &file.pin_dir, paths::PIN_DIR),
@@ -640,6 +656,7 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/wsguard"));
         assert_eq!(c.metrics_addr, Some("0.0.0.0:9477".parse().unwrap()));
         assert!(c.ws_paths.is_empty() && c.allow.is_empty() && !c.detach_on_exit);
+        assert!(c.proxy_protocol_from.is_empty());
         assert_eq!((c.api_gid, c.breaker), (None, BreakerConfig::default()));
     }
 
@@ -826,6 +843,43 @@ mod tests {
         assert!(e.contains("threshold"), "{e}");
         let e = FileConfig::parse("mode = \"loud\"").unwrap_err();
         assert!(e.contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_from_flags_override_the_file_and_reach_logs() {
+        let toml = "proxy_protocol_from = [\"198.18.0.0/24\"]\n\
+                    [[logs.sources]]\nname = \"i\"\npaths = [\"/a.log\"]\nformat = \"ingress-nginx\"\n";
+        let c = merge(toml, &[]).unwrap();
+        let net: Cidr = "198.18.0.0/24".parse().unwrap();
+        assert_eq!(c.proxy_protocol_from, [net]);
+        assert_eq!(c.logs.unwrap().trusted_proxies, [net]);
+        let c = merge(
+            toml,
+            &[
+                "--proxy-protocol-from",
+                "198.18.0.5",
+                "--proxy-protocol-from",
+                "fd00:5753::5",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy_protocol_from,
+            [
+                "198.18.0.5".parse::<Cidr>().unwrap(),
+                "fd00:5753::5".parse().unwrap()
+            ]
+        );
+        let e = err("proxy_protocol_from = [\"::/0\"]", &[]);
+        assert!(
+            e.contains(r#"invalid value for proxy_protocol_from: "::/0""#),
+            "{e}"
+        );
+        let e = err("", &["--proxy-protocol-from", "lb"]);
+        assert!(
+            e.contains(r#"invalid value for proxy_protocol_from: "lb""#),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod backend;
 mod kernel;
 mod lapi;
 mod logs;
+mod proxy;
 mod shared;
 mod startup;
 

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod model;
 pub mod paths;
 pub mod policy;
+pub mod proxy;
 pub mod server;
 pub mod state;

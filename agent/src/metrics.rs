@@ -26,6 +26,7 @@ use crate::{
 };
 
 mod logs;
+mod proxy;
 
 /// Log detection's counters, read at each scrape; `None` from the probe: no `[logs]`.
 pub type LogsProbe = Arc<dyn Fn() -> Option<LogsView> + Send + Sync>;
@@ -150,6 +151,7 @@ fn encode_snapshot(m: &MetricsSnapshot, enc: &mut DescriptorEncoder) -> Result<(
         "reason",
         &r.items(),
     )?;
+    proxy::encode(&s.proxy_headers, enc)?;
     let by_source = |v: &[(crate::model::BanSource, u64)]| -> Vec<(&'static str, u64)> {
         v.iter().map(|(s, n)| (s.as_str(), *n)).collect()
     };
@@ -357,6 +359,8 @@ mod tests {
         let mut snap = MetricsSnapshot::default();
         snap.stats.packets.dropped = 7;
         snap.stats.handshakes.upstream_errors = 3;
+        snap.stats.packets.reset = 4;
+        snap.stats.proxy_headers.v2.local = 9;
         snap.bans_active = BanSource::ALL.iter().map(|s| (*s, 1)).collect();
         snap.bans_created = vec![(BanSource::Kernel, 5)];
         snap.bans_refused = vec![
@@ -391,6 +395,10 @@ mod tests {
             "wsguard_crowdsec_pull_duration_seconds 0",
             "wsguard_crowdsec_push_queue 4",
             "wsguard_build_info{version=\"",
+            "wsguard_packets_total{action=\"reset\"} 4",
+            "wsguard_proxy_headers_total{version=\"v1\",result=\"client\"} 0",
+            "wsguard_proxy_headers_total{version=\"v2\",result=\"local\"} 9",
+            "wsguard_proxy_headers_total{version=\"v2\",result=\"untrusted\"} 0",
         ] {
             assert!(enc_text.contains(line), "missing {line} in\n{enc_text}");
         }

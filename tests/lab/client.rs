@@ -97,6 +97,22 @@ pub struct AttackArgs {
     pub timeout: Duration,
     #[arg(long, value_parser = parse_duration)]
     pub report_every: Option<Duration>,
+    /// Begin every connection with a PROXY protocol header of this version, as a load
+    /// balancer would (to play an untrusted "proxy").
+    #[arg(long, value_enum)]
+    pub proxy_header: Option<ProxyVersion>,
+    /// The client the PROXY header names; default: the --bind address.
+    #[arg(long)]
+    pub proxy_claim: Option<IpAddr>,
+    /// Send the PROXY header in a TCP segment of its own, before the request.
+    #[arg(long)]
+    pub proxy_split: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 #[derive(clap::Args, Clone)]

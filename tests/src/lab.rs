@@ -4,9 +4,12 @@
 //! be attached to the node's NIC. Everything is an RAII guard: a failing test leaves nothing.
 
 pub mod expect;
+pub mod haproxy;
 pub mod http;
 pub mod nginx;
 pub mod proc;
+pub mod proxied;
+pub mod proxy_header;
 pub mod summary;
 pub mod topology;
 pub mod wsguard;
@@ -19,7 +22,7 @@ use std::{
 };
 
 use self::{
-    nginx::Nginx,
+    nginx::{Listen, Nginx},
     proc::Proc,
     topology::{HTTP_PORT, Peer, PeerSpec, Topology},
     wsguard::LabAgent,
@@ -85,11 +88,16 @@ pub struct Lab {
 impl Lab {
     /// The network, the backend and nginx; wsguard is started separately.
     pub fn start(bins: Bins, peers: &[PeerSpec]) -> Result<Self> {
+        Self::start_with(bins, peers, Listen::Plain)
+    }
+
+    /// Like [`Lab::start`], with nginx's port listening as `listen` says.
+    pub fn start_with(bins: Bins, peers: &[PeerSpec], listen: Listen) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wsguard-lab-").tempdir()?;
         let topo = Topology::new(peers)?;
         let backend = start_backend(&topo, &bins, dir.path())?;
         let addr: SocketAddr = BACKEND_ADDR.parse()?;
-        let nginx = Nginx::start(&topo.node, dir.path(), addr, HTTP_PORT)?;
+        let nginx = Nginx::start_with(&topo.node, dir.path(), addr, HTTP_PORT, listen)?;
         Ok(Self {
             agent: None,
             nginx,

@@ -30,8 +30,15 @@ fn every_verb_end_to_end_with_contract_json() -> Result<()> {
                 "uptime_s",
                 "pinned",
                 "interfaces",
-                "ban_map"
+                "ban_map",
+                "proxy_protocol"
             ]),
+        "{st}"
+    );
+    ensure!(
+        keys(&st["proxy_protocol"]) == set(&["from", "untrusted_senders"])
+            && st["proxy_protocol"]["from"] == serde_json::json!([])
+            && st["proxy_protocol"]["untrusted_senders"] == serde_json::json!([]),
         "{st}"
     );
     ensure!(st["version"].is_string() && st["mode"] == "enforce" && st["uptime_s"].is_u64());
@@ -174,7 +181,8 @@ fn every_verb_end_to_end_with_contract_json() -> Result<()> {
                 "handshakes",
                 "bad_reasons",
                 "bans",
-                "events_lost"
+                "events_lost",
+                "proxy_headers"
             ]),
         "{st}"
     );
@@ -188,6 +196,7 @@ fn every_verb_end_to_end_with_contract_json() -> Result<()> {
                 "allowlisted",
                 "preserved",
                 "unparsed",
+                "reset",
             ],
         ),
         (
@@ -222,6 +231,12 @@ fn every_verb_end_to_end_with_contract_json() -> Result<()> {
         ensure!(names.iter().all(|n| st[g][n].is_u64()), "{g}: {st}");
     }
     ensure!(st["events_lost"].is_u64());
+    for v in ["v1", "v2"] {
+        let names = ["client", "local", "malformed", "missing", "untrusted"];
+        let g = &st["proxy_headers"][v];
+        ensure!(keys(g) == set(&names), "proxy_headers.{v}: {st}");
+        ensure!(names.iter().all(|n| g[n] == 0), "no PROXY traffic: {st}");
+    }
     ensure!(
         st["bans"]["active"] == 4 && st["bans"]["capacity"] == 5000,
         "{st}"

@@ -238,6 +238,7 @@ fn metrics_health_and_readiness() -> Result<()> {
                 "allowlisted",
                 "preserved",
                 "unparsed",
+                "reset",
             ],
         ),
         (
@@ -312,6 +313,16 @@ fn metrics_health_and_readiness() -> Result<()> {
         } else {
             let need: BTreeSet<String> = values.iter().map(|v| format!("{label}={v}")).collect();
             ensure!(got == need, "{series}: labels {got:?}, want {need:?}");
+        }
+    }
+    // Two labels: every version with every result, sorted `result=…,version=…`.
+    for version in ["v1", "v2"] {
+        for result in ["client", "local", "malformed", "missing", "untrusted"] {
+            let lbl = format!("result={result},version={version}");
+            ensure!(
+                value(&fams, "wsguard_proxy_headers_total", &lbl) == Some(0.0),
+                "wsguard_proxy_headers_total {{{lbl}}}:\n{text}"
+            );
         }
     }
     let build = format!("version={}", env!("CARGO_PKG_VERSION"));

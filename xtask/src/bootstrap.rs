@@ -32,9 +32,11 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Real peers the integration tests drive. `crowdsec` is the real LAPI of issue 13's tests
-/// (each test runs its own, see `tests/src/crowdsec.rs`).
+/// (each test runs its own, see `tests/src/crowdsec.rs`); `haproxy` the PROXY-protocol load
+/// balancer of issue 12's.
 pub const LAB_PACKAGES: &[&str] = &[
     "crowdsec",
+    "haproxy",
     "iproute2",
     "iputils-ping",
     "nginx",

@@ -60,6 +60,14 @@ fn render(out: &mut Vec<u8>, s: &StatsJson, o: Output) -> Result<()> {
         ),
     ];
     let mut rows = Vec::new();
+    let proxy = s
+        .proxy_headers
+        .versions()
+        .map(|(v, r)| (format!("proxy_headers.{v}"), r.items().to_vec()));
+    let groups = groups
+        .into_iter()
+        .map(|(g, i)| (g.to_owned(), i))
+        .chain(proxy);
     for (group, items) in groups {
         for (name, n) in items {
             rows.push(vec![group.to_owned(), name.to_owned(), thousands(n)]);

@@ -84,6 +84,9 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
             writeln!(out, "          last error: {e}")?;
         }
     }
+    if let Some(l) = super::proxy_status::trusted_line(&s.proxy_protocol) {
+        writeln!(out, "{l}")?;
+    }
     writeln!(out)?;
     let rows: Vec<Vec<String>> = s
         .interfaces
@@ -148,6 +151,7 @@ pub fn run(_a: StatusArgs, g: &Global) -> Result<()> {
                 .unwrap_or_default()
         ));
     }
+    warnings.extend(super::proxy_status::warnings(&s.proxy_protocol));
     if !warnings.is_empty() {
         writeln!(out)?;
     }

@@ -148,6 +148,14 @@ impl Agent {
                 e.stats
             }
         };
+        // After the ban maps: a flow cut for a hard ban must find the ban in force.
+        super::proxy::cut_hard(
+            &mut g,
+            applied
+                .iter()
+                .filter(|a| a.change != Change::Unchanged)
+                .map(|a| &a.ban),
+        );
         drop(g);
         self.mark_dirty();
         let changed: Vec<Ban> = applied
@@ -317,6 +325,7 @@ impl Backend for Agent {
                 allowlisted: n(Counter::Allowlisted),
                 preserved: n(Counter::Preserved),
                 unparsed: n(Counter::Unparsed),
+                reset: super::proxy::reset(&k),
             },
             handshakes: HandshakesJson {
                 valid: n(Counter::HsValid),
@@ -342,6 +351,7 @@ impl Backend for Agent {
                 capacity: u64::from(self.cfg.max_bans),
             },
             events_lost: n(Counter::EventsLost),
+            proxy_headers: super::proxy::headers(&k),
         })
     }
 
@@ -394,9 +404,13 @@ impl Backend for Agent {
         let mut out = Vec::new();
         for (k, v) in flows {
             let client = kernel::ip16(k.client);
-            if want.is_some_and(|w| w.addr() != client) {
+            let proxied = super::proxy::flow(&v);
+            // `--addr` finds a proxied flow by either end: the load balancer or its client.
+            if want.is_some_and(|w| w.addr() != client && proxied.client != Some(w.addr())) {
                 continue;
             }
+            // A proxied flow belongs to (and is preserved for) the client its header named.
+            let judged = proxied.client.unwrap_or(client);
             let verdict = Verdict::from_u8(v.verdict);
             let state = match v.state {
                 FLOW_ESTABLISHED => "established",
@@ -404,7 +418,7 @@ impl Backend for Agent {
                 _ => "handshake",
             };
             let preserved = v.state == FLOW_ESTABLISHED
-                && banned_by(&g.policy, client)
+                && banned_by(&g.policy, judged)
                     .is_some_and(|b| v.first_seen_ns < c.boot_of(b.created_at));
             out.push(FlowJson {
                 client: client.to_string(),
@@ -418,6 +432,9 @@ impl Backend for Agent {
                 state: state.into(),
                 preserved,
                 age_s: c.boot_ns.saturating_sub(v.first_seen_ns) / 1_000_000_000,
+                proxy_client: proxied.client.map(|ip| ip.to_string()),
+                proxy_client_port: proxied.client.map(|_| proxied.port),
+                proxy_state: proxied.state.map(str::to_owned),
             });
         }
         Ok(out)
@@ -440,6 +457,7 @@ impl Backend for Agent {
             },
             logs,
             crowdsec,
+            proxy_protocol: super::proxy::status(&self.cfg, &g),
         })
     }
 

@@ -180,6 +180,7 @@ impl Agent {
             ),
             Err(e) => warn!("cannot settle which bans preserve flows: {e}"),
         }
+        super::proxy::settle(&mut g);
         drop(g);
         if !gone.is_empty() {
             info!(count = gone.len(), "bans expired");
@@ -310,6 +311,7 @@ impl Inner {
         match self.dp.put_ban(&a.ban.cidr, &kernel::ban_value(&a.ban, c)) {
             Ok(()) => {
                 after_ban_write();
+                super::proxy::cut_hard(self, [&a.ban]);
                 Ok(a)
             }
             Err(err) => {

@@ -135,8 +135,22 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
         .context("cannot write the kernel CONFIG")?;
     dp.set_ports(&cfg.ports)
         .context("cannot write the watched ports")?;
+    // At every start (fresh, adopted or upgraded maps): the config is the only source of the
+    // trusted senders, so a sender dropped from it stops being believed here.
+    dp.set_proxy_trust(&cfg.proxy_protocol_from)
+        .context("cannot write the trusted PROXY senders (proxy_protocol_from)")?;
 
     let mut policy = Policy::new(policy_config(cfg), &kernel::node_addrs(), &cfg.allow);
+    // Before the bans are reconciled: a pinned ban of a load balancer (an older build judged
+    // its flows as its own) is lifted here rather than adopted.
+    policy.set_proxy_trust(&cfg.proxy_protocol_from);
+    for c in crate::proxy::wide(&cfg.proxy_protocol_from) {
+        warn!(
+            proxy_protocol_from = %c,
+            "a wide trusted PROXY sender range: any host in it can claim to relay any client \
+             (and get it banned); list the load balancers' own subnets"
+        );
+    }
     let saved = saved.unwrap_or_default();
     for e in &saved.allow {
         if let Err(err) = policy.allow_add(e.cidr, e.reason.clone()) {

@@ -1,6 +1,7 @@
-//! The allowlist: built-ins (loopback, link-local, the node's own addresses), config entries
-//! and API entries. Only API entries can be removed through the API: built-ins protect the node
-//! itself, and config entries would come back at the next start anyway.
+//! The allowlist: built-ins (loopback, link-local, the node's own addresses), config entries,
+//! trusted PROXY senders (`proxy_protocol_from`, see `crate::proxy`) and API entries. Only API
+//! entries can be removed through the API: built-ins protect the node itself, and config and
+//! proxy entries would come back at the next start anyway.
 
 use crate::{
     addr::Cidr,
@@ -20,6 +21,10 @@ pub enum AllowError {
 fn hint(s: AllowSource) -> &'static str {
     match s {
         AllowSource::Config => ": remove it from the agent's config",
+        AllowSource::Proxy => {
+            ": it is a trusted PROXY protocol sender; remove it from proxy_protocol_from in the \
+             agent's config"
+        }
         _ => "",
     }
 }
@@ -40,6 +45,7 @@ pub fn builtin_ranges() -> Vec<(Cidr, &'static str)> {
 #[derive(Debug)]
 pub(super) struct Allowlist {
     fixed: Vec<AllowEntry>,
+    proxy: Vec<AllowEntry>,
     node: Vec<AllowEntry>,
     manual: Vec<AllowEntry>,
 }
@@ -66,6 +72,7 @@ impl Allowlist {
         }
         let mut list = Self {
             fixed,
+            proxy: Vec::new(),
             node: Vec::new(),
             manual: Vec::new(),
         };
@@ -74,7 +81,11 @@ impl Allowlist {
     }
 
     pub(super) fn entries(&self) -> impl Iterator<Item = &AllowEntry> {
-        self.fixed.iter().chain(&self.node).chain(&self.manual)
+        self.fixed
+            .iter()
+            .chain(&self.proxy)
+            .chain(&self.node)
+            .chain(&self.manual)
     }
 
     pub(super) fn overlapping(&self, cidr: &Cidr) -> Option<&AllowEntry> {
@@ -115,6 +126,7 @@ impl Allowlist {
         match self
             .fixed
             .iter()
+            .chain(&self.proxy)
             .chain(&self.node)
             .find(|e| e.cidr == *cidr)
         {
@@ -124,6 +136,24 @@ impl Allowlist {
             }),
             None => Ok(None),
         }
+    }
+
+    /// Replace the trusted PROXY senders; returns the ones that are new.
+    pub(super) fn set_proxy(&mut self, cidrs: &[Cidr]) -> Vec<Cidr> {
+        let added: Vec<Cidr> = cidrs
+            .iter()
+            .filter(|c| !self.proxy.iter().any(|e| e.cidr == **c))
+            .copied()
+            .collect();
+        self.proxy = cidrs
+            .iter()
+            .map(|c| AllowEntry {
+                cidr: *c,
+                source: AllowSource::Proxy,
+                reason: crate::proxy::ALLOW_REASON.into(),
+            })
+            .collect();
+        added
     }
 
     /// Replace the node-address entries; returns the ones that are new.

@@ -92,7 +92,7 @@ impl RefuseReason {
 pub enum Refusal {
     #[error("refusing to ban {0}: a /0 ban would ban everything")]
     Everything(Cidr),
-    #[error("refusing to ban {cidr}: it overlaps the allowlist entry {allow} ({}: {note})", kind.as_str())]
+    #[error("refusing to ban {cidr}: it overlaps the allowlist entry {allow} ({}: {note}){}", kind.as_str(), refusal_hint(*kind))]
     Allowlisted {
         cidr: Cidr,
         allow: Cidr,
@@ -106,6 +106,17 @@ pub enum Refusal {
     Full { cidr: Cidr, max: u64 },
     #[error("refusing to ban {cidr}: too many automatic bans in a short time (circuit breaker)")]
     RateLimited { cidr: Cidr },
+}
+
+/// What to do instead, for the allowlist entries an operator may try to ban by mistake.
+fn refusal_hint(kind: AllowSource) -> &'static str {
+    match kind {
+        AllowSource::Proxy => {
+            ": banning a load balancer would cut every client behind it; its clients are judged \
+             and banned by the address its PROXY header names"
+        }
+        _ => "",
+    }
 }
 
 impl Refusal {
@@ -448,6 +459,16 @@ impl Policy {
 
     pub fn allow_rm(&mut self, cidr: &Cidr) -> Result<Option<AllowEntry>, AllowError> {
         self.allow.remove_manual(cidr)
+    }
+
+    /// Replace the trusted PROXY senders (`proxy_protocol_from`), allowlisted with source
+    /// `proxy`; returns the bans lifted because a sender overlaps them.
+    pub fn set_proxy_trust(&mut self, cidrs: &[Cidr]) -> Vec<Ban> {
+        let added = self.allow.set_proxy(cidrs);
+        added
+            .iter()
+            .flat_map(|c| self.lift_overlapping(c))
+            .collect()
     }
 
     /// Replace the node's own addresses in the built-in allowlist (they change at run time);

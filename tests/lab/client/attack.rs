@@ -1,5 +1,6 @@
 //! Attackers: raw handshakes of one kind at a fixed rate, each on a fresh connection.
 
+use anyhow::Context as _;
 use clap::ValueEnum as _;
 use std::{
     net::SocketAddr,
@@ -7,15 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{sync::watch, task::JoinSet};
-use wsguard_tests::lab::summary::AttackSummary;
+use wsguard_tests::lab::{proxy_header, summary::AttackSummary};
 
 use crate::{
-    AttackArgs, Reason,
+    AttackArgs, ProxyVersion, Reason,
     net::{Outcome, exchange, host_header, stopped},
 };
 
 /// The sample key of RFC 6455: any valid one will do, the server only hashes it.
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// The source port a PROXY header claims (any will do: nothing answers it).
+const CLAIMED_PORT: u16 = 40000;
 /// More connections in flight than this would only measure the client's own limits.
 const MAX_IN_FLIGHT: usize = 1024;
 
@@ -64,7 +67,27 @@ pub async fn run(
     );
     let start = Instant::now();
     let deadline = start + args.duration;
-    let req = Arc::new(vec![request(args.reason, args.target, &args.path)]);
+    let http = request(args.reason, args.target, &args.path);
+    let (pieces, delay) = match args.proxy_header {
+        None => (vec![http], Duration::ZERO),
+        Some(v) => {
+            let bind = args
+                .bind
+                .context("--proxy-header needs --bind (the header's default client)")?;
+            let claim = SocketAddr::new(args.proxy_claim.unwrap_or(bind), CLAIMED_PORT);
+            let header = match v {
+                ProxyVersion::V1 => proxy_header::v1(claim, args.target),
+                ProxyVersion::V2 => proxy_header::v2(claim, args.target, &[]),
+            };
+            if args.proxy_split {
+                // Its own segment, the way HAProxy's send-proxy-v2 sends it.
+                (vec![header, http], Duration::from_millis(5))
+            } else {
+                (vec![[header, http].concat()], Duration::ZERO)
+            }
+        }
+    };
+    let req = Arc::new(pieces);
     let summary = Arc::new(Mutex::new(AttackSummary {
         reason: args
             .reason
@@ -108,7 +131,7 @@ pub async fn run(
         summary.lock().expect("summary lock").attempts = attempts;
         let (req, s, a) = (req.clone(), summary.clone(), args.clone());
         tasks.spawn(async move {
-            let outcome = exchange(a.target, a.bind, &req, Duration::ZERO, a.timeout).await;
+            let outcome = exchange(a.target, a.bind, &req, delay, a.timeout).await;
             record(&mut s.lock().expect("summary lock"), outcome);
         });
     }
@@ -131,6 +154,10 @@ fn record(s: &mut AttackSummary, outcome: Outcome) {
         Outcome::NoResponse => {
             s.connected += 1;
             s.no_response += 1;
+        }
+        Outcome::Closed => {
+            s.connected += 1;
+            s.closed += 1;
         }
         Outcome::Status(code) => {
             s.connected += 1;

@@ -46,6 +46,8 @@ pub enum Outcome {
     Failed,
     /// Connected, but no HTTP status line came back in time.
     NoResponse,
+    /// Connected, then the peer closed or reset the connection before any status line.
+    Closed,
     Status(u16),
 }
 
@@ -100,15 +102,19 @@ pub async fn exchange(
             tokio::time::sleep(delay).await;
         }
         if stream.write_all(piece).await.is_err() {
-            return Outcome::NoResponse;
+            return Outcome::Closed;
         }
     }
     let mut buf = Vec::with_capacity(256);
+    let mut ended = false;
     let read = async {
         let mut chunk = [0u8; 512];
         while buf.len() < 4096 && !buf.contains(&b'\n') {
             match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => {
+                    ended = true;
+                    break;
+                }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -116,6 +122,7 @@ pub async fn exchange(
     let _ = tokio::time::timeout(timeout, read).await;
     match response_status(&buf) {
         Some(s) => Outcome::Status(s),
+        None if ended => Outcome::Closed,
         None => Outcome::NoResponse,
     }
 }

@@ -21,9 +21,48 @@ pub struct Nginx {
     pub prefix: PathBuf,
 }
 
+/// How the site's port listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Plain HTTP on the port, both families.
+    Plain,
+    /// What ingress-nginx renders with `use-proxy-protocol: "true"`: every connection on the
+    /// port begins with a PROXY v1/v2 header, whose client becomes `$remote_addr`
+    /// (`real_ip_header proxy_protocol`, trusted from anywhere like ingress-nginx's default
+    /// `proxy-real-ip-cidr`). The lab checks readiness on `health_port` (127.0.0.1, plain),
+    /// since nothing on the site's port answers without a header.
+    ProxyProtocol { health_port: u16 },
+}
+
 /// The configuration: the WebSocket part is what ingress-nginx renders for every location.
 pub fn config(prefix: &Path, backend: SocketAddr, port: u16) -> String {
+    config_with(prefix, backend, port, Listen::Plain)
+}
+
+/// [`config`], with the site's port listening as `listen` says.
+pub fn config_with(prefix: &Path, backend: SocketAddr, port: u16, listen: Listen) -> String {
     let p = prefix.display();
+    let (listen_opts, realip, health_server, health_log) = match listen {
+        Listen::Plain => (
+            String::new(),
+            String::new(),
+            String::new(),
+            "off".to_owned(),
+        ),
+        Listen::ProxyProtocol { health_port } => (
+            " proxy_protocol".to_owned(),
+            "set_real_ip_from 0.0.0.0/0;\n    set_real_ip_from ::/0;\n    \
+             real_ip_header proxy_protocol;\n    "
+                .to_owned(),
+            format!(
+                "server {{\n        listen 127.0.0.1:{health_port};\n        \
+                 location = {HEALTH_PATH} {{\n            access_log off;\n            \
+                 return 200 \"ok\\n\";\n        }}\n    }}\n\n    "
+            ),
+            // The load balancer's health checks, counted apart from client requests.
+            format!("{p}/health.log lab"),
+        ),
+    };
     format!(
         r#"# wsguard lab: nginx in front of the echo backend, like ingress-nginx.
 user root;
@@ -49,12 +88,12 @@ http {{
         server {backend};
     }}
 
-    server {{
-        listen {port} default_server reuseport backlog=4096;
-        listen [::]:{port} default_server reuseport backlog=4096;
+    {realip}{health_server}server {{
+        listen {port}{listen_opts} default_server reuseport backlog=4096;
+        listen [::]:{port}{listen_opts} default_server reuseport backlog=4096;
 
         location = {HEALTH_PATH} {{
-            access_log off;
+            access_log {health_log};
             return 200 "ok\n";
         }}
 
@@ -83,6 +122,23 @@ impl Nginx {
         let prefix = dir.join("nginx");
         let conf = config(&prefix, backend, port);
         Self::launch(ns, dir, "nginx", prefix, &conf, port)
+    }
+
+    /// Like [`Nginx::start`], with the site's port listening as `listen` says.
+    pub fn start_with(
+        ns: &NetNs,
+        dir: &Path,
+        backend: SocketAddr,
+        port: u16,
+        listen: Listen,
+    ) -> Result<Self> {
+        let prefix = dir.join("nginx");
+        let conf = config_with(&prefix, backend, port, listen);
+        let ready = match listen {
+            Listen::Plain => port,
+            Listen::ProxyProtocol { health_port } => health_port,
+        };
+        Self::launch(ns, dir, "nginx", prefix, &conf, ready)
     }
 
     /// Write `conf` under `prefix`, run nginx on it in `ns` (as `name`), wait for `ready_port`.
@@ -142,6 +198,12 @@ impl Nginx {
 
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.prefix.join("access.log")).unwrap_or_default()
+    }
+
+    /// Health checks answered on the site's port (logged only behind `Listen::ProxyProtocol`),
+    /// one line each: `$remote_addr $status …`.
+    pub fn health_log(&self) -> String {
+        fs::read_to_string(self.prefix.join("health.log")).unwrap_or_default()
     }
 
     pub fn error_log(&self) -> String {

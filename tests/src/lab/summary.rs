@@ -40,6 +40,10 @@ pub struct AttackSummary {
     pub timed_out: u64,
     /// Connected, request sent, but no HTTP status came back in time.
     pub no_response: u64,
+    /// Connected, request sent, then closed or reset by the other side with no status: what a
+    /// flow cut by wsguard behind a load balancer looks like (it fails fast, it does not hang).
+    #[serde(default)]
+    pub closed: u64,
     pub statuses: Statuses,
     pub elapsed_ms: u64,
     #[serde(rename = "final")]

@@ -12,6 +12,8 @@ use crate::netns::NetNs;
 pub const NODE_IF: &str = "eth0";
 /// The port nginx listens on: the port wsguard watches.
 pub const HTTP_PORT: u16 = 80;
+/// The switch's end of the node's NIC.
+pub const NODE_PORT: &str = "pnode";
 /// Peers share one subnet with the node.
 const NET4: [u8; 3] = [198, 18, 0];
 const NET6: &str = "fd00:5753::";
@@ -86,7 +88,7 @@ impl Topology {
             node,
             switch,
         };
-        plug(&topo.node, &topo.switch, "pnode")?;
+        plug(&topo.node, &topo.switch, NODE_PORT)?;
         let (v4, v6) = (topo.node_ip4, topo.node_ip6);
         address(&topo.node, NODE_IF, v4, v6)?;
         for (i, spec) in specs.iter().enumerate() {
@@ -111,6 +113,11 @@ impl Topology {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no peer named {name:?} in this lab"))
+    }
+
+    /// The switch's namespace (the bridge and the peers' ports; the node's is `pnode`).
+    pub fn switch(&self) -> &NetNs {
+        &self.switch
     }
 
     /// The node's address of the family `v6` selects.

@@ -150,6 +150,11 @@ fn bad_config_values_are_refused_by_the_agent_naming_them() {
         ("mode = \"enforce\"", "mode = \"block\"", "block"),
         ("allow = []", "allow = [\"10.0.0.0/33\"]", "10.0.0.0/33"),
         (
+            "# proxy_protocol_from = [\"10.0.0.0/24\"]",
+            "proxy_protocol_from = [\"0.0.0.0/0\"]",
+            "0.0.0.0/0",
+        ),
+        (
             "detach_on_exit = false",
             "detach_on_exit = false\nbogus = 1",
             "bogus",
@@ -184,17 +189,30 @@ fn cloud_lb_overlay_allowlists_health_checkers_and_cluster_ranges() {
             "{range}: a cloud health checker, in {allow:?}"
         );
     }
-    for what in ["Node range", "Pod range", "VPC"] {
+    for what in ["Node range", "Pod range", "VPC", "use-proxy-protocol"] {
         assert!(text.contains(what), "the overlay explains the {what} entry");
     }
     assert!(lb.allow.len() > 3, "cluster ranges too: {allow:?}");
-    // Apart from `allow`, the overlay keeps the base's settings.
+    // Behind a PROXY-protocol LB the LB is a trusted sender, not an allowlist entry: the
+    // allowlist would give up protection on the path that carries the traffic.
+    assert!(
+        !lb.proxy_protocol_from.is_empty(),
+        "the overlay trusts the LB's PROXY headers"
+    );
+    for p in &lb.proxy_protocol_from {
+        assert!(
+            p.prefix_len() >= 16 && !lb.allow.iter().any(|a| a.overlaps(p)),
+            "{p}: a narrow trusted sender range, not also allowlisted ({allow:?})"
+        );
+    }
+    // Apart from `allow` and `proxy_protocol_from`, the overlay keeps the base's settings.
     assert_eq!(
         AgentConfig {
             allow: base.allow.clone(),
+            proxy_protocol_from: base.proxy_protocol_from.clone(),
             ..lb
         },
         base,
-        "cloud-lb changed something besides allow"
+        "cloud-lb changed something besides allow and proxy_protocol_from"
     );
 }

@@ -19,7 +19,11 @@ fn product_metrics() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     {
         let (name, rest) = line.split_once('{').unwrap_or((line, ""));
         let mut labels = BTreeMap::new();
-        if let Some((label, values)) = rest.trim_end_matches('}').split_once('=') {
+        // `label="a|b",other="c|d"`
+        for pair in rest.trim_end_matches('}').split("\",") {
+            let Some((label, values)) = pair.split_once('=') else {
+                continue;
+            };
             let values = values.trim_matches('"');
             let set = if values.contains('…') {
                 BTreeSet::new()
@@ -125,6 +129,7 @@ fn dashboard_queries_use_only_product_metrics_and_labels() {
         "Ban map fill",
         "Bans refused by reason",
         "Events lost",
+        "PROXY headers",
     ] {
         assert!(
             titles.iter().any(|t| t.starts_with(want)),

@@ -47,9 +47,10 @@ pub struct LogsFile {
     /// None given: one built-in rule (`bad_handshake`, see `LogDefaults`).
     #[serde(default)]
     pub rules: Vec<RuleFile>,
-    /// Peers whose forwarded header is believed.
+    /// Peers whose forwarded header is believed. Unset: the agent's `proxy_protocol_from`
+    /// (the load balancers the data plane trusts are trusted here too); `[]` trusts nobody.
     #[serde(default)]
-    pub trusted_proxies: Vec<String>,
+    pub trusted_proxies: Option<Vec<String>>,
     /// Where read offsets are kept; default `<state_dir>/logs`.
     pub state_dir: Option<PathBuf>,
     /// Longer lines are cut here (and counted); default 16384.
@@ -125,6 +126,8 @@ pub struct LogDefaults {
     /// `ws_path`: the default rule's path prefixes.
     pub ws_paths: Vec<String>,
     pub state_dir: PathBuf,
+    /// `proxy_protocol_from`: `trusted_proxies` when `[logs]` does not set it.
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 impl Default for LogDefaults {
@@ -134,6 +137,7 @@ impl Default for LogDefaults {
             window: Duration::from_secs(10),
             ws_paths: Vec::new(),
             state_dir: PathBuf::from("/var/lib/wsguard"),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

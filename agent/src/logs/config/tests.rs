@@ -118,6 +118,7 @@ fn defaults_follow_the_agent() {
         window: Duration::from_secs(3),
         ws_paths: vec!["/socket".into()],
         state_dir: "/tmp/x".into(),
+        proxy_protocol_from: Vec::new(),
     };
     let file = LogsFile {
         sources: vec![SourceFile {
@@ -153,6 +154,30 @@ fn defaults_follow_the_agent() {
     );
     assert_eq!(c.state_dir, PathBuf::from("/tmp/x/logs"));
     assert_eq!(c.sources[0].rules, vec![0]);
+}
+
+/// The load balancers the data plane trusts for PROXY headers are trusted for forwarded
+/// headers too unless `[logs]` names its own list; an explicit `[]` trusts nobody.
+#[test]
+fn trusted_proxies_default_to_proxy_protocol_from() {
+    let lb: Cidr = "198.18.0.5".parse().unwrap();
+    let d = LogDefaults {
+        proxy_protocol_from: vec![lb],
+        ..Default::default()
+    };
+    let parse = |toml: &str| {
+        let f: LogsFile = toml::from_str(toml).unwrap();
+        f.validate(&d).unwrap().trusted_proxies
+    };
+    assert_eq!(parse(""), vec![lb]);
+    assert_eq!(parse("trusted_proxies = []"), Vec::<Cidr>::new());
+    assert_eq!(
+        parse("trusted_proxies = [\"10.0.0.0/8\"]"),
+        vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]
+    );
+    let none = LogDefaults::default();
+    let f: LogsFile = toml::from_str("").unwrap();
+    assert!(f.validate(&none).unwrap().trusted_proxies.is_empty());
 }
 
 #[test]

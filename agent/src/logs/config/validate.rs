@@ -126,15 +126,17 @@ impl LogsFile {
             }
             sources.push(src);
         }
-        let trusted_proxies = self
-            .trusted_proxies
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                p.parse::<Cidr>()
-                    .map_err(|e| bad(format!("logs.trusted_proxies[{i}]"), p, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_proxies = match &self.trusted_proxies {
+            None => d.proxy_protocol_from.clone(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.parse::<Cidr>()
+                        .map_err(|e| bad(format!("logs.trusted_proxies[{i}]"), p, e))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let upstream = Threshold {
             count: match self.upstream_error_threshold {
                 Some(v) => int_in(
