@@ -149,12 +149,14 @@ fn trusted_senders_are_allowlisted_never_banned_and_not_removable() -> Result<()
     ensure!(s.pings(s.lab.ip_b2)? == 3, "the trusted sender is dropped");
     // The kernel never charged it: flows without a header from a trusted sender are counted
     // `missing` (reported under v1), and no burst of it ever reached the policy: the only
-    // refusals are the three bans above, the only bad handshakes the clean source's.
+    // refusals are the three bans above, the only bad handshakes the clean source's (how many
+    // of its ten were judged before its kernel ban dropped the rest depends on timing).
     let st = s.get("/v1/stats")?;
+    let bad = st["handshakes"]["bad"].as_u64().unwrap_or(0);
     ensure!(
         st["proxy_headers"]["v1"]["missing"].as_u64() >= Some(10)
             && st["bans"]["refused"] == 3
-            && st["handshakes"]["bad"] == 10,
+            && (1..=10).contains(&bad),
         "{st}"
     );
     // Not persisted: the config is the only source of these entries.
