@@ -3,7 +3,7 @@
 //! packet, the data packet of an established proxied WebSocket, the header + request path, and
 //! a packet of a cut flow. Printed, never asserted on time (the machine is noisy; `cargo xtask
 //! bench` is where ratios live); what is asserted is what each measured packet does, so that
-//! every row measures the path it names.
+//! every row measures the path it names, here and in the bench's proxied rows (last test).
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -13,13 +13,22 @@ use aya::{
 };
 use std::time::Duration;
 use wsguard_common::{
+    Verdict,
     filter::{FILTER_WORDS_PER_FAMILY, slot, v4_bit},
-    maps::{BanValue, Config, Counter, FlowKey, LAYOUT_VERSION, PROXY_CUT, names},
+    maps::{
+        BanValue, Config, Counter, FlowKey, LAYOUT_VERSION, PROXY_CLIENT, PROXY_CUT, RST_BURST,
+        names,
+    },
 };
 use wsguard_tests::{
-    dataplane::{DataPlane, XDP_DROP, XDP_PASS, XDP_TX, boot_ns, flow_key, pin_to_cpu},
-    packet::{Pkt, ws_request},
+    dataplane::{DataPlane, Delta, XDP_DROP, XDP_PASS, XDP_TX, boot_ns, flow_key, pin_to_cpu},
+    packet::{Pkt, TCP_RST, parse_segment, ws_request},
 };
+
+/// The proxied packets of `cargo xtask bench`, the same file: their verdicts are checked below.
+#[path = "../src/bin/wsguard-bench/proxied.rs"]
+#[allow(dead_code)]
+mod proxied;
 
 static LAYOUT2_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -289,5 +298,84 @@ fn proxy_path_costs_beside_the_previous_release() -> Result<()> {
         ns(t),
         floor,
     );
+    Ok(())
+}
+
+/// The packets of the bench's proxied rows (`tests/src/bin/wsguard-bench/proxied.rs`) take the
+/// paths their rows name, set up as the bench sets them up.
+#[test]
+fn the_bench_proxied_packets_take_the_paths_their_rows_name() -> Result<()> {
+    let mut dp = DataPlane::load(&[proxied::PORT])?;
+    dp.fill_filter(false)?;
+    proxied::trust(&mut dp)?;
+
+    // Established proxied WebSocket data: passed, counted as passed only, the flow untouched,
+    // over repeated runs too (the comparison row runs a million per call).
+    proxied::establish(&mut dp)?;
+    let est = proxied::key(proxied::ESTABLISHED_PORT);
+    let before = dp.flow(&est)?;
+    let data = proxied::ws_data();
+    assert_eq!(
+        dp.xdp_counted(&data)?,
+        (XDP_PASS, Delta::of(&[Counter::Passed]))
+    );
+    assert_eq!(dp.xdp_repeat(&data, 10_000)?.0, XDP_PASS);
+    assert_eq!(dp.flow(&est)?, before, "the data packet changed its flow");
+
+    // Header + request, v2 and v1: passed, the flow recorded for the real client, valid.
+    let request = ws_request("/chat");
+    for v2 in [true, false] {
+        let f = proxied::first_segment(proxied::CLIENT, proxied::FRESH_PORT, v2, &request);
+        assert_eq!(dp.xdp(&f.build())?, XDP_PASS, "v2: {v2}");
+        let k = proxied::key(proxied::FRESH_PORT);
+        let flow = dp.flow(&k)?;
+        assert!(
+            proxied::of_client(flow, proxied::CLIENT, PROXY_CLIENT),
+            "v2: {v2}: {flow:?}"
+        );
+        assert_eq!(flow.map(|f| f.verdict), Some(Verdict::Valid as u8));
+        dp.delete_flow(&k)?;
+    }
+
+    // A banned real client's header segment: cut, the segment a RST towards the server.
+    proxied::ban_client(&mut dp)?;
+    let seg = proxied::first_segment(proxied::BANNED_CLIENT, proxied::FRESH_PORT, true, &request);
+    let (rc, out) = dp.xdp_out(&seg.build())?;
+    assert_eq!(rc, XDP_PASS);
+    let rst = parse_segment(&out).expect("a TCP frame");
+    assert!(
+        rst.flags & TCP_RST != 0 && rst.dst == seg.dst && rst.payload.is_empty(),
+        "not a RST to the server: {rst:?}"
+    );
+    let k = proxied::key(proxied::FRESH_PORT);
+    assert!(proxied::of_client(
+        dp.flow(&k)?,
+        proxied::BANNED_CLIENT,
+        PROXY_CUT
+    ));
+    dp.delete_flow(&k)?;
+
+    // A later packet of a cut flow past its RST budget: dropped on every run of a call, as
+    // `rearm_cut` checks before the next call; without it, the interval would end the drops.
+    proxied::cut_flow(&mut dp)?;
+    let cut = proxied::cut_segment();
+    for _ in 0..3 {
+        proxied::rearm_cut(&mut dp)?;
+        let (counted, delta) = dp.counted(|dp| dp.xdp_repeat(&cut, 100_000))?;
+        assert_eq!(counted.0, XDP_DROP);
+        assert_eq!(
+            delta,
+            Delta::default().and_at(Counter::Dropped as u32, 100_000)
+        );
+    }
+    proxied::rearm_cut(&mut dp)?;
+    let mut flow = dp
+        .flow(&proxied::key(proxied::CUT_PORT))?
+        .expect("cut flow");
+    assert_eq!(flow.rsts, RST_BURST);
+    // Once the interval is over, the next packet is answered again: what the re-arming avoids.
+    flow.rst_ns = boot_ns() - wsguard_common::maps::RST_INTERVAL_NS;
+    dp.set_flow(&proxied::key(proxied::CUT_PORT), flow)?;
+    assert_eq!(dp.xdp(&cut)?, XDP_TX);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The packets the bench measures: (path name, frame, verdict, programs, set-up) rows. Another
-//! path (e.g. PROXY protocol ports) is a new list here and a new phase in main.rs.
+//! path is a new list here and a new phase in main.rs; the PROXY-protocol packets and their
+//! flows are built in proxied.rs.
 
 use anyhow::{Result, ensure};
 use wsguard_common::maps::{BAN_MAY_PRESERVE, FLOW_ESTABLISHED};
@@ -11,6 +12,7 @@ use wsguard_tests::{
 use crate::{
     Bench, PORT, SERVER,
     bans::{self, ttl_ban},
+    proxied,
     run::Prog,
 };
 
@@ -31,6 +33,10 @@ pub struct Case {
     pub target: Option<f64>,
     /// Run once before the case's phase (state the packet needs, e.g. its flow).
     pub setup: Option<Setup>,
+    /// Run before every call of the case, outside the timing (state a run could use up).
+    pub before_call: Option<Setup>,
+    /// Runs per call at most (state that must outlast the call).
+    pub max_repeat: Option<u32>,
 }
 
 const BANNED_PROGS: &[Prog] = &[
@@ -69,6 +75,8 @@ pub fn comparison() -> Vec<Case> {
             progs: BANNED_PROGS,
             target: Some(BANNED_TARGET),
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean source, clean /24",
@@ -77,6 +85,8 @@ pub fn comparison() -> Vec<Case> {
             progs: CLEAN_PROGS,
             target: Some(CLEAN_TARGET),
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean source next to a ban (same /24)",
@@ -85,6 +95,8 @@ pub fn comparison() -> Vec<Case> {
             progs: CLEAN_PROGS,
             target: Some(CLEAN_TARGET),
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "established WebSocket data, watched port",
@@ -93,6 +105,21 @@ pub fn comparison() -> Vec<Case> {
             progs: CLEAN_PROGS,
             target: Some(CLEAN_TARGET),
             setup: Some(establish_ws),
+            before_call: None,
+            max_repeat: None,
+        },
+        // The same data packet on a flow a trusted proxy opened (its header read, the handshake
+        // passed): from the proxy's address, which is all the reference and xdp-filter look up.
+        // Within the clean-path budget of direct flows: the same target.
+        Case {
+            path: "established proxied WebSocket data (trusted PROXY sender)",
+            frame: proxied::ws_data(),
+            verdict: XDP_PASS,
+            progs: CLEAN_PROGS,
+            target: Some(CLEAN_TARGET),
+            setup: Some(|b| proxied::establish(&mut b.dp)),
+            before_call: None,
+            max_repeat: None,
         },
     ]
 }
@@ -137,6 +164,8 @@ pub fn decomposition() -> Vec<Case> {
             progs: &[Prog::Reference, Prog::ReferenceParsed, Prog::WsguardLookup],
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean source next to a ban (same /24)",
@@ -151,6 +180,8 @@ pub fn decomposition() -> Vec<Case> {
             ],
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
     ]
 }
@@ -167,6 +198,8 @@ pub fn own_exact() -> Vec<Case> {
             progs: OWN_BANNED,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "banned, 512 B request on a watched port, ban may preserve flows",
@@ -180,6 +213,8 @@ pub fn own_exact() -> Vec<Case> {
                 b.dp.bans_v4()?.insert(bans::PRESERVING.octets(), v, 0)?;
                 Ok(())
             }),
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "banned, SYN, allowlist looked up (ban without the writer's promise)",
@@ -195,6 +230,8 @@ pub fn own_exact() -> Vec<Case> {
                 b.dp.bans_v4()?.insert(bans::UNCHECKED.octets(), v, 0)?;
                 Ok(())
             }),
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean v6, unwatched port",
@@ -203,8 +240,39 @@ pub fn own_exact() -> Vec<Case> {
             progs: OWN_CLEAN,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
     ]
+}
+
+/// A later packet of a proxied flow cut at its header (its real client banned): the proxy
+/// retransmits the header + request segment, past the flow's RST budget. This row measures
+/// that stable drop only: every call is preceded by `proxied::rearm_cut`, which checks that no
+/// run of the previous call was answered with a RST and dates the last RST now, and a call is
+/// short enough (`max_repeat`) to end well inside `RST_INTERVAL_NS`. The cut itself (the header
+/// segment turned into a RST) rewrites its packet, so it is a one-run-per-call row of the
+/// handshake table.
+pub fn own_proxied_cut() -> Case {
+    Case {
+        path: "cut proxied flow (banned real client), later packet past the RST budget",
+        frame: proxied::cut_segment(),
+        verdict: XDP_DROP,
+        progs: OWN_CLEAN,
+        target: None,
+        setup: Some(|b| {
+            ensure!(
+                proxied::BANNED_CLIENT
+                    .parse::<std::net::Ipv4Addr>()?
+                    .octets()
+                    == bans::exact(6)
+            );
+            proxied::ban_client(&mut b.dp)?;
+            proxied::cut_flow(&mut b.dp)
+        }),
+        before_call: Some(|b| proxied::rearm_cut(&mut b.dp)),
+        max_repeat: Some(100_000),
+    }
 }
 
 /// With 10k CIDR bans over the 1M exact ones.
@@ -219,6 +287,8 @@ pub fn own_cidr() -> Vec<Case> {
             progs: OWN_BANNED,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean source, clean /24",
@@ -227,6 +297,8 @@ pub fn own_cidr() -> Vec<Case> {
             progs: OWN_CLEAN,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "clean source next to a ban (exact miss, then the CIDR trie)",
@@ -235,6 +307,8 @@ pub fn own_cidr() -> Vec<Case> {
             progs: OWN_CLEAN,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "established WebSocket data, watched port",
@@ -243,6 +317,8 @@ pub fn own_cidr() -> Vec<Case> {
             progs: OWN_CLEAN,
             target: None,
             setup: Some(establish_ws),
+            before_call: None,
+            max_repeat: None,
         },
     ]
 }
@@ -258,6 +334,8 @@ pub fn own_no_filter() -> Vec<Case> {
             progs: OWN_CLEAN,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
         Case {
             path: "no filter: banned source, SYN",
@@ -268,6 +346,8 @@ pub fn own_no_filter() -> Vec<Case> {
             progs: OWN_BANNED,
             target: None,
             setup: None,
+            before_call: None,
+            max_repeat: None,
         },
     ]
 }

@@ -7,7 +7,11 @@
 //! asserts nothing about time (it does check every verdict). How to read it: README, "Bench".
 //!
 //! The set-up is the agent's: bans carry a TTL, the allowlist holds the built-in entries
-//! (loopback, link-local, a node address), and the ban pre-filter is filled.
+//! (loopback, link-local, a node address), the ban pre-filter is filled, and one PROXY-protocol
+//! sender is trusted (`proxy_protocol_from`), for the proxied rows (proxied.rs): an established
+//! proxied WebSocket's data in the comparison table (the clean-path target of direct flows), the
+//! header + request and the cut at a banned client's header in the handshake table, a later
+//! packet of a cut flow in wsguard's own paths.
 //!
 //! Banned rows come in pairs. "held verdict" is `wsguard_xdp` itself on a repeated packet: a
 //! CPU that keeps dropping one hot banned source judges it from the verdict it holds for the
@@ -19,6 +23,7 @@
 mod bans;
 mod cases;
 mod handshake;
+mod proxied;
 mod run;
 mod table;
 mod xdp_filter;
@@ -40,8 +45,7 @@ use crate::{
     xdp_filter::XdpFilter,
 };
 
-pub const PORT: u16 = 80;
-pub const SERVER: &str = "198.18.1.1";
+pub use proxied::{PORT, SERVER};
 /// Runs per BPF_PROG_TEST_RUN call.
 const REPEAT: u32 = 1_000_000;
 /// Rounds; each measures every row of a phase once, in an order that rotates between rounds.
@@ -95,7 +99,11 @@ impl Bench {
         &self.fds[&p]
     }
 
-    fn call(&self, p: Prog, case: &Case, repeat: u32) -> Result<Run> {
+    fn call(&mut self, p: Prog, case: &Case, repeat: u32) -> Result<Run> {
+        if let Some(before) = case.before_call {
+            before(self).with_context(|| format!("before a call on \"{}\"", case.path))?;
+        }
+        let repeat = case.max_repeat.map_or(repeat, |m| repeat.min(m));
         let run = test_run(self.fd(p), &case.frame, repeat)?;
         ensure!(
             run.action == case.verdict,
@@ -187,7 +195,12 @@ fn own_rows(cases: &[Case], s: &[Samples], context: &str) -> Vec<OwnRow> {
         for p in c.progs {
             rows.push(OwnRow {
                 path: format!("{} ({context})", c.path),
-                program: p.label(c.verdict),
+                // A drop measured without its lookup twin is no held verdict (the cut flow).
+                program: if *p == Prog::Wsguard && !c.progs.contains(&Prog::WsguardLookup) {
+                    "wsguard"
+                } else {
+                    p.label(c.verdict)
+                },
                 floor: Stat::of(&s.floor, &s.floor),
                 stat: s.stat(*p),
             });
@@ -271,6 +284,8 @@ fn main() -> Result<()> {
     }
     dp.fill_filter(false)?;
     dp.fill_filter(true)?;
+    // `proxy_protocol_from` configured: one trusted PROXY sender, for the proxied rows.
+    proxied::trust(&mut dp)?;
     eprintln!("loading xdp-filter (xdp-tools) on a veth of the bench's own namespace");
     let xdp_filter = XdpFilter::load(bans::BANNED)?;
     let mut b = Bench::new(dp, xdp_filter)?;
@@ -301,7 +316,8 @@ fn main() -> Result<()> {
 
     eprintln!("wsguard's own paths, 1M exact bans");
     let mut own = Vec::new();
-    let c = cases::own_exact();
+    let mut c = cases::own_exact();
+    c.push(cases::own_proxied_cut());
     own.extend(own_rows(&c, &b.measure(&c)?, "1M exact bans"));
     eprintln!("filling the CIDR trie with 10k prefixes");
     b.fill_cidrs(10_000)?;
@@ -340,7 +356,9 @@ fn main() -> Result<()> {
          on clean ones; xdp-filter ≥ {}× wsguard everywhere. \"held verdict\": a CPU judging the \
          hot banned source it dropped last, the steady state of a flood from one banned source. \
          \"lookup\": the first packet of a banned source per jiffy per CPU, and every packet when \
-         many banned sources interleave on one CPU.",
+         many banned sources interleave on one CPU. \"proxied\": the flow of a real client \
+         behind a trusted PROXY sender, whose source (the proxy) is all the reference and \
+         xdp-filter look up; its data packet has the clean target, the budget of direct flows.",
         cases::BANNED_TARGET,
         cases::CLEAN_TARGET,
         table::PEER_TARGET
