@@ -11,9 +11,10 @@ use std::{
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{
     addr::Cidr,
@@ -32,6 +33,21 @@ pub struct State {
     /// API (`manual`) entries only: built-ins and config entries come from the node and config.
     pub allow: Vec<AllowEntry>,
     pub offenses: BTreeMap<Cidr, Offense>,
+}
+
+/// What the agent writes: the same file as [`State`], its bans shared with the policy (a
+/// snapshot of 1M bans is 1M pointers, not 1M copies).
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub version: u32,
+    #[serde(serialize_with = "shared_bans")]
+    pub bans: Vec<Arc<Ban>>,
+    pub allow: Vec<AllowEntry>,
+    pub offenses: BTreeMap<Cidr, Offense>,
+}
+
+fn shared_bans<S: Serializer>(bans: &[Arc<Ban>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(bans.iter().map(|b| &**b))
 }
 
 #[derive(Debug)]
@@ -112,7 +128,11 @@ fn decode(bytes: &[u8]) -> Result<State, String> {
 /// Write `state` atomically. `abandon` is asked as the file is written: when it says yes the
 /// write stops, the temp file goes and the old file stays ([`StateError::Abandoned`]), so a
 /// stale write of a quarter-gigabyte file does not hold up the one that replaces it.
-pub fn save(dir: &Path, state: &State, abandon: &dyn Fn() -> bool) -> Result<(), StateError> {
+pub fn save(
+    dir: &Path,
+    state: &impl Serialize,
+    abandon: &dyn Fn() -> bool,
+) -> Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
     let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
     let r = write_synced(&tmp, state, abandon);
@@ -150,7 +170,11 @@ impl io::Write for Abandonable<'_> {
 
 const ABANDONED: &str = "state write abandoned";
 
-fn write_synced(tmp: &Path, state: &State, abandon: &dyn Fn() -> bool) -> Result<(), StateError> {
+fn write_synced(
+    tmp: &Path,
+    state: &impl Serialize,
+    abandon: &dyn Fn() -> bool,
+) -> Result<(), StateError> {
     let f = fs::File::create(tmp).map_err(io_err("cannot create", tmp))?;
     // Large buffer: a 1M-ban file is a quarter gigabyte (and `abandon` is asked per buffer).
     let mut w = io::BufWriter::with_capacity(1 << 20, Abandonable { f, abandon });

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the data-plane benchmark (`tests/src/bin/wsguard-bench/`: wsguard, a
 //! reference program and xdp-filter side by side, with the bare floors, in one run) and the log
 //! parsers' throughput (`agent/examples/logs_bench.rs`, lines per second on one core against
-//! issue 7's 200k/s goal), both built in release mode. They print what they measure; they
+//! issue 7's 200k/s goal), both built in release mode, then the CrowdSec LAPI figures (issue 13)
+//! and the agent at 10k/100k/1M bans (issue 14). They print what they measure; they
 //! assert nothing.
 
 use anyhow::{Result, bail};
@@ -36,7 +37,30 @@ pub fn run() -> Result<()> {
         "--example",
         "logs_bench",
     ]))?;
-    crowdsec()
+    crowdsec()?;
+    scale()
+}
+
+/// Issue 14: the agent at 10k, 100k and 1M bans (import, list, restart, RSS peaks;
+/// `tests/src/bin/wsguard-scale-bench.rs`, next to the release `wsguard` it drives).
+fn scale() -> Result<()> {
+    println!("\nthe agent at scale: 10k, 100k and 1M bans:");
+    sh(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "wsguard-tests",
+        "--bin",
+        "wsguard-scale-bench",
+        "-p",
+        "wsguard",
+        "--bin",
+        "wsguard",
+    ]))?;
+    sh(&mut Command::new(
+        root().join("target/release/wsguard-scale-bench"),
+    ))
 }
 
 /// Issue 13: a real LAPI, 100k decisions at startup and 100k bans published

@@ -22,7 +22,7 @@ use crate::{
     logs::LogsHandle,
     model::{Ban, BanSource},
     policy::{Applied, BanRequest, Change, Offense, Policy, Refusal, RefuseReason, Ttl},
-    state::{self, State},
+    state,
 };
 
 pub struct Agent {
@@ -269,11 +269,11 @@ impl Agent {
     /// What the state file needs, copied under the lock. The offence history is copied as a
     /// plain list and sorted into the file's map after the lock is released (a million tree
     /// inserts under the lock would stall every API call and ban).
-    fn snapshot_of(g: &Inner) -> (State, Vec<(Cidr, Offense)>) {
+    fn snapshot_of(g: &Inner) -> (state::Snapshot, Vec<(Cidr, Offense)>) {
         let p = &g.policy;
-        let state = State {
+        let state = state::Snapshot {
             version: state::VERSION,
-            bans: p.bans().cloned().collect(),
+            bans: p.shared_bans().cloned().collect(),
             allow: p
                 .allow_entries()
                 .filter(|e| e.source == crate::model::AllowSource::Manual)

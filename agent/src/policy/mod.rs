@@ -27,6 +27,7 @@ pub use lapi::LapiChange;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
     time::Duration,
 };
 
@@ -171,7 +172,8 @@ impl PolicyCounters {
 
 pub struct Policy {
     cfg: PolicyConfig,
-    bans: BTreeMap<Cidr, Ban>,
+    /// Shared with state snapshots, so a snapshot of every ban copies no ban.
+    bans: BTreeMap<Cidr, Arc<Ban>>,
     /// Expiring bans by expiry, so the sweep never walks every ban.
     by_expiry: BTreeSet<(OffsetDateTime, Cidr)>,
     active: [u64; BanSource::ALL.len()],
@@ -276,7 +278,7 @@ impl Policy {
 
     fn decide(&mut self, req: BanRequest, now: OffsetDateTime) -> Result<Applied, Refusal> {
         self.check_allowed(&req.cidr)?;
-        if let Some(old) = self.bans.get(&req.cidr).cloned() {
+        if let Some(old) = self.bans.get(&req.cidr).map(|b| Ban::clone(b)) {
             return Ok(self.extend(old, req, now));
         }
         if self.bans.len() as u64 >= self.cfg.max_bans {
@@ -496,11 +498,16 @@ impl Policy {
     }
 
     pub fn bans(&self) -> impl Iterator<Item = &Ban> {
+        self.bans.values().map(|b| &**b)
+    }
+
+    /// The bans as the policy holds them: cloning one shares it.
+    pub fn shared_bans(&self) -> impl Iterator<Item = &Arc<Ban>> {
         self.bans.values()
     }
 
     pub fn get(&self, cidr: &Cidr) -> Option<&Ban> {
-        self.bans.get(cidr)
+        self.bans.get(cidr).map(|b| &**b)
     }
 
     pub fn len(&self) -> usize {
@@ -534,11 +541,11 @@ impl Policy {
         }
         self.active[src_idx(ban.source)] += 1;
         self.generation += 1;
-        self.bans.insert(ban.cidr, ban);
+        self.bans.insert(ban.cidr, Arc::new(ban));
     }
 
     fn remove(&mut self, cidr: &Cidr) -> Option<Ban> {
-        let ban = self.bans.remove(cidr)?;
+        let ban = Arc::unwrap_or_clone(self.bans.remove(cidr)?);
         self.generation += 1;
         if let Some(e) = ban.expires_at {
             self.by_expiry.remove(&(e, ban.cidr));

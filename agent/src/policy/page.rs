@@ -32,15 +32,14 @@ impl Policy {
             {
                 self.bans
                     .range((Bound::Excluded(c.last), Bound::Unbounded))
-                    .map(|(_, b)| b)
+                    .map(|(_, b)| &**b)
                     .filter(keep)
                     .take(limit)
                     .cloned()
                     .collect()
             }
             _ => self
-                .bans
-                .values()
+                .bans()
                 .filter(keep)
                 .skip(offset)
                 .take(limit)
