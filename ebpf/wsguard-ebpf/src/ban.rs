@@ -13,10 +13,10 @@ use wsguard_common::{
 
 use crate::{
     atomic::add_u64,
-    clock::{coarse_now_ns, jiffies, now_ns},
+    clock::{coarse_now_ns, jiffies},
     maps::{
         ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, CONFIG,
-        FLOWS, HOT_BAN, HotBan, PORTS, V4_TAG,
+        CoarseClock, FLOWS, HOT_BAN, HotBan, PORTS, V4_TAG,
     },
     parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
     xdp::flow_key,
@@ -44,130 +44,61 @@ pub enum Banned {
 /// does not announce (a ban's own flags, expiry) reaches it at most one jiffy late, as expiry
 /// already does (see clock.rs). Everything else looks the ban up.
 ///
-/// This never uses a held verdict: the benchmark's measure of the lookup path. The XDP entry
-/// asks [`held`] first and passes its answer to [`judge_unfiltered`].
+/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
 #[inline(always)]
-pub fn judge(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Option<Banned> {
+pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Option<Banned> {
     if proven_clean(l3) {
         return None;
     }
-    judge_unfiltered(ctx, l3, cfg, false)
+    judge_unfiltered::<HOLD>(ctx, l3, cfg)
 }
 
-/// [`held`]: no verdict held for this source.
-pub const NOT_HELD: u64 = 0;
-/// [`held`]: dropped on the held verdict, and counted in the batch.
-pub const HELD_DROPPED: u64 = 1;
-/// [`held`]: a verdict is held, but applying it needs more than the entry does inline (the
-/// preserve check, a batch flush): [`judge_unfiltered`] with `held` true does it.
-pub const HELD: u64 = 2;
-
-/// Whether this CPU holds an enforced drop verdict for this very source in this jiffy, under
-/// the same `Config::flags` (see [`judge`]). Its common case, for the XDP entry to take without
-/// a call into its judging subprogram: the ban cannot have a flow to preserve (hard, or no
-/// `BAN_MAY_PRESERVE`) and the drop does not fill a batch; then the drop is counted in the
-/// batch and [`HELD_DROPPED`] comes back. The source is compared first: a clean source next to
-/// a ban, the commonest packet that gets here, leaves at the first word that differs.
+/// The held verdict's common case, for the XDP entry to take without a call into its judging
+/// subprogram: this CPU holds an enforced drop verdict for this very source in this jiffy
+/// (see [`judge`]), the ban cannot have a flow to preserve (hard, or no `BAN_MAY_PRESERVE`),
+/// and the drop does not fill a batch. Then the drop is counted in the batch and true comes
+/// back; anything else (preserve check, batch flush, no held verdict) is false, and the caller
+/// judges the source in full, which sees the same state and does the rest.
 #[inline(always)]
-pub fn held(l3: &L3, cfg: &Config) -> u64 {
+pub fn held_drop(l3: &L3, cfg: &Config) -> bool {
     let Some(hot) = HOT_BAN.get_ptr_mut(0) else {
-        return NOT_HELD;
+        return false;
     };
     // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
     let hot = unsafe { &mut *hot };
-    if hot.held == 0
-        || hot.src != src_words(l3)
-        || hot.jiffies != jiffies()
-        || hot.cfg_flags != cfg.flags
-    {
-        return NOT_HELD;
-    }
     let no_flow = hot.flags & BAN_HARD != 0 || hot.flags & BAN_MAY_PRESERVE == 0;
-    if no_flow && hot.count + 1 < DROP_BATCH {
+    if hot.held != 0
+        && no_flow
+        && hot.count + 1 < DROP_BATCH
+        && hot.jiffies == jiffies()
+        && hot.cfg_flags == cfg.flags
+        && hot.src == src_words(l3)
+    {
         hot.count += 1;
-        return HELD_DROPPED;
+        return true;
     }
-    HELD
+    false
 }
 
-/// [`judge`] past the pre-filter; `held`: [`held`] answered [`HELD`] for this packet.
-///
-/// Without a held verdict, the ban is looked up before anything else is read: a clean source
-/// (the exact and CIDR lookups miss) touches neither the per-CPU slot nor the clock.
+/// [`judge`] past the pre-filter.
 #[inline(always)]
-pub fn judge_unfiltered(ctx: &XdpContext, l3: &L3, cfg: &Config, held: bool) -> Option<Banned> {
-    if held {
-        // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-        let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
-        return Some(judge_hot(ctx, l3, hot));
-    }
-    let mut now = Now::new();
-    // SAFETY: map values live while the program runs; `drops` is only touched atomically.
-    let ban = unsafe { &mut *lookup_live(l3.v6, l3.src, cfg, &mut now)? };
+pub fn judge_unfiltered<const HOLD: bool>(
+    ctx: &XdpContext,
+    l3: &L3,
+    cfg: &Config,
+) -> Option<Banned> {
     // The per-CPU slot always exists; were it missing, failing open is the rule.
     // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-    let hot = unsafe { &mut *now.hot()? };
-    let now_j = now.jiffies();
-    Some(judge_banned(ctx, l3, ban, cfg, now_j, src_words(l3), hot))
-}
-
-/// The clock as the ban path reads it: not at all until a ban matched, then the jiffy once
-/// (the held verdict's jiffy is the one its expiry was judged in), then the coarse boot time
-/// only for a ban that expires.
-struct Now {
-    /// 0: not read yet (`jiffies64` starts far from 0 and does not wrap).
-    jiffies: u64,
-    /// 0: not read yet.
-    ns: u64,
-    /// This CPU's `HOT_BAN` slot, null until needed.
-    hot: *mut HotBan,
-}
-
-impl Now {
-    #[inline(always)]
-    fn new() -> Self {
-        Self::with_hot(core::ptr::null_mut())
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
+    let now_j = jiffies();
+    let src = src_words(l3);
+    if HOLD && hot.held != 0 && hot.jiffies == now_j && hot.src == src && hot.cfg_flags == cfg.flags
+    {
+        return Some(judge_hot(ctx, l3, hot));
     }
-
-    /// With this CPU's slot already at hand.
-    #[inline(always)]
-    fn with_hot(hot: *mut HotBan) -> Self {
-        Self {
-            jiffies: 0,
-            ns: 0,
-            hot,
-        }
-    }
-
-    #[inline(always)]
-    fn hot(&mut self) -> Option<*mut HotBan> {
-        if self.hot.is_null() {
-            self.hot = HOT_BAN.get_ptr_mut(0)?;
-        }
-        Some(self.hot)
-    }
-
-    #[inline(always)]
-    fn jiffies(&mut self) -> u64 {
-        if self.jiffies == 0 {
-            self.jiffies = jiffies();
-        }
-        self.jiffies
-    }
-
-    /// Boot time, up to one tick old (see clock.rs), from this CPU's cache in `HOT_BAN`.
-    #[inline(always)]
-    fn coarse_ns(&mut self) -> u64 {
-        if self.ns == 0 {
-            let j = self.jiffies();
-            self.ns = match self.hot() {
-                // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-                Some(hot) => coarse_now_ns(j, unsafe { &mut (*hot).clock }),
-                None => now_ns(),
-            };
-        }
-        self.ns
-    }
+    // SAFETY: map values live while the program runs; `drops` is only touched atomically.
+    let ban = unsafe { &mut *lookup_live(l3.v6, l3.src, cfg, now_j, hot)? };
+    Some(judge_banned(ctx, l3, ban, cfg, now_j, src, hot))
 }
 
 /// The held verdict: an enforced ban, so drop unless the flow is preserved.
@@ -201,27 +132,44 @@ pub fn proven_clean(l3: &L3) -> bool {
 /// The live ban of `src` (4 or 16 readable bytes, as `v6` says), exact first, then CIDR. An
 /// expired exact ban must not hide a live CIDR ban over the same address.
 #[inline(always)]
-fn lookup_live(v6: bool, src: *const u8, cfg: &Config, now: &mut Now) -> Option<*mut BanValue> {
+fn lookup_live(
+    v6: bool,
+    src: *const u8,
+    cfg: &Config,
+    now_j: u64,
+    hot: &mut HotBan,
+) -> Option<*mut BanValue> {
     // The clock is read only once a ban matched, and only for bans that expire.
+    let mut now = 0;
     if v6 {
         // SAFETY: the caller guarantees 16 readable bytes.
         let src = unsafe { &*(src as *const [u8; 16]) };
-        live(BANS_V6.get_ptr_mut(src), now).or_else(|| {
+        live(BANS_V6.get_ptr_mut(src), &mut now, now_j, &mut hot.clock).or_else(|| {
             if cfg.cidr_v6 == 0 {
                 return None;
             }
             let cidr = BAN_CIDRS_V6.get(Key::new(128, *src));
-            live(cidr.map(|v| v as *const _ as *mut BanValue), now)
+            live(
+                cidr.map(|v| v as *const _ as *mut BanValue),
+                &mut now,
+                now_j,
+                &mut hot.clock,
+            )
         })
     } else {
         // SAFETY: the caller guarantees 4 readable bytes.
         let src = unsafe { &*(src as *const [u8; 4]) };
-        live(BANS_V4.get_ptr_mut(src), now).or_else(|| {
+        live(BANS_V4.get_ptr_mut(src), &mut now, now_j, &mut hot.clock).or_else(|| {
             if cfg.cidr_v4 == 0 {
                 return None;
             }
             let cidr = BAN_CIDRS_V4.get(Key::new(32, *src));
-            live(cidr.map(|v| v as *const _ as *mut BanValue), now)
+            live(
+                cidr.map(|v| v as *const _ as *mut BanValue),
+                &mut now,
+                now_j,
+                &mut hot.clock,
+            )
         })
     }
 }
@@ -281,8 +229,10 @@ fn client_ban(addr: &[u8; 16], v6: bool, cfg: &Config) -> Option<(*mut BanValue,
     if BAN_FILTER.get(word).is_some_and(|w| *w & mask != 0) {
         return None;
     }
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
     let p = if v6 { addr.as_ptr() } else { a4.as_ptr() };
-    let ban = lookup_live(v6, p, cfg, &mut Now::new())?;
+    let ban = lookup_live(v6, p, cfg, jiffies(), hot)?;
     // SAFETY: a live map value, read once.
     let flags = unsafe { (*ban).flags };
     let allowed = || {
@@ -305,24 +255,29 @@ fn client_ban(addr: &[u8; 16], v6: bool, cfg: &Config) -> Option<(*mut BanValue,
 /// The live ban of `addr` (4 or 16 readable bytes, as `v6` says), for the TC program.
 #[inline(always)]
 pub fn live_ban(v6: bool, addr: *const u8, cfg: &Config) -> Option<*mut BanValue> {
-    // The clock's per-CPU cache is shared with XDP: XDP and TC never run interleaved on one CPU.
-    lookup_live(v6, addr, cfg, &mut Now::new())
+    // SAFETY: this CPU's slot; XDP and TC never run interleaved on one CPU.
+    let hot = unsafe { &mut *HOT_BAN.get_ptr_mut(0)? };
+    lookup_live(v6, addr, cfg, jiffies(), hot)
 }
 
 /// `ban` unless it has expired (the agent may not have removed it yet).
 #[inline(always)]
-fn live(ban: Option<*mut BanValue>, now: &mut Now) -> Option<*mut BanValue> {
+fn live(
+    ban: Option<*mut BanValue>,
+    now: &mut u64,
+    now_j: u64,
+    clock: &mut CoarseClock,
+) -> Option<*mut BanValue> {
     let ban = ban?;
     // SAFETY: a live map value, read once.
     let expires = unsafe { (*ban).expires_ns };
     if expires == 0 {
         return Some(ban);
     }
-    if expires <= now.coarse_ns() {
-        None
-    } else {
-        Some(ban)
+    if *now == 0 {
+        *now = coarse_now_ns(now_j, clock);
     }
+    if expires <= *now { None } else { Some(ban) }
 }
 
 #[inline(always)]
@@ -459,9 +414,8 @@ fn flush(hot: &mut HotBan) {
         &v4 as *const u32 as *const u8
     };
     let count = hot.count;
-    let mut now = Now::with_hot(hot);
     if let Some(cfg) = CONFIG.get(0)
-        && let Some(ban) = lookup_live(v6, p, cfg, &mut now)
+        && let Some(ban) = lookup_live(v6, p, cfg, jiffies(), hot)
     {
         // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
         unsafe { add_u64(&mut (*ban).drops, count) };

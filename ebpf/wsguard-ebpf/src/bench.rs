@@ -112,7 +112,7 @@ fn try_lookup(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(XDP_PASS);
     };
     let cfg = CONFIG.get(0).ok_or(())?;
-    let action = match judge(ctx, &l3, cfg) {
+    let action = match judge::<false>(ctx, &l3, cfg) {
         Some(Banned::Drop) => {
             count(Counter::Dropped);
             return Ok(XDP_DROP);

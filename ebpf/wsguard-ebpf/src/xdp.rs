@@ -15,7 +15,7 @@ use aya_ebpf::{
 use wsguard_common::maps::{CFG_CUT_PENDING, Config, Counter, FlowKey};
 
 use crate::{
-    ban::{Banned, HELD, HELD_DROPPED, held, judge_unfiltered, proven_clean},
+    ban::{Banned, held_drop, judge_unfiltered, proven_clean},
     counters::{count, count_at},
     flow::{on_packet, pack},
     inspect::{may_start_request, scratch},
@@ -42,13 +42,12 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let cfg = CONFIG.get(0).ok_or(())?;
     let mut action = Counter::Passed as u32;
     if !proven_clean(&l3) {
-        let held = held(&l3, cfg);
-        if held == HELD_DROPPED {
+        if held_drop(&l3, cfg) {
             count(Counter::Dropped);
             return Ok(XDP_DROP);
         }
         let (a, b) = l3.pack();
-        match judge_source(ctx.as_ptr() as *mut xdp_md, a, b, cfg, held) {
+        match judge_source(ctx.as_ptr() as *mut xdp_md, a, b, cfg) {
             0 => {}
             DROPPED => {
                 count(Counter::Dropped);
@@ -84,8 +83,7 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(XDP_PASS)
 }
 
-/// The source's ban, past the pre-filter and [`held`] (its answer in `held`): 0 none,
-/// [`DROPPED`], or the counter of a pass.
+/// The source's ban, past the pre-filter: 0 none, [`DROPPED`], or the counter of a pass.
 ///
 /// This and [`flow_path`] are real BPF subprograms, not inlined: each has its own stack frame,
 /// so the drop path's and the flow path's locals do not add up in one frame past the 512-byte
@@ -94,12 +92,12 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 /// and answer with one 64-bit scalar: the BPF ABI returns no aggregate (and a 32-bit return
 /// value came back with its upper half undefined to the caller's comparison).
 #[inline(never)]
-fn judge_source(ctx: *mut xdp_md, a: u64, b: u64, cfg: &Config, held: u64) -> u64 {
+fn judge_source(ctx: *mut xdp_md, a: u64, b: u64, cfg: &Config) -> u64 {
     let ctx = XdpContext::new(ctx);
     let Ok(l3) = L3::unpack(&ctx, a, b) else {
         return 0;
     };
-    match judge_unfiltered(&ctx, &l3, cfg, held == HELD) {
+    match judge_unfiltered::<true>(&ctx, &l3, cfg) {
         None => 0,
         Some(Banned::Drop) => DROPPED,
         Some(Banned::Pass(c)) => c as u64,
