@@ -45,22 +45,7 @@ pub fn run() -> Result<()> {
 /// `tests/src/bin/wsguard-scale-bench.rs`, next to the release `wsguard` it drives).
 fn scale() -> Result<()> {
     println!("\nthe agent at scale: 10k, 100k and 1M bans:");
-    sh(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "wsguard-tests",
-        "--bin",
-        "wsguard-scale-bench",
-        "-p",
-        "wsguard",
-        "--bin",
-        "wsguard",
-    ]))?;
-    sh(&mut Command::new(
-        root().join("target/release/wsguard-scale-bench"),
-    ))
+    release_bin("wsguard-scale-bench")
 }
 
 /// Issue 13: a real LAPI, 100k decisions at startup and 100k bans published
@@ -68,6 +53,12 @@ fn scale() -> Result<()> {
 fn crowdsec() -> Result<()> {
     println!("\nCrowdSec LAPI: 100k decisions at startup, 100k bans published:");
     bootstrap::run_with(bootstrap::LAB_PACKAGES)?;
+    release_bin("wsguard-lapi-bench")
+}
+
+/// Build the test crate's binaries and `wsguard` in release mode (a no-op once built: the
+/// lab binaries a bench drives sit next to it), then run the bench binary `name`.
+fn release_bin(name: &str) -> Result<()> {
     sh(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",
@@ -80,7 +71,5 @@ fn crowdsec() -> Result<()> {
         "--bin",
         "wsguard",
     ]))?;
-    sh(&mut Command::new(
-        root().join("target/release/wsguard-lapi-bench"),
-    ))
+    sh(&mut Command::new(root().join("target/release").join(name)))
 }
