@@ -139,8 +139,18 @@ impl serde::Serialize for Cidr {
 
 impl<'de> serde::Deserialize<'de> for Cidr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // A visitor, not a String: a state file of a million bans parses a million of these.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Cidr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address or CIDR")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Cidr, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

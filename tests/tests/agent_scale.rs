@@ -290,8 +290,8 @@ fn end_to_end(n: u32) -> Result<()> {
     timed("state.json holds every ban", || {
         let end = Instant::now() + Duration::from_secs(120);
         loop {
-            let text = std::fs::read_to_string(&state).unwrap_or_default();
-            if text.matches("\"cidr\"").count() == n as usize {
+            let bytes = std::fs::read(&state).unwrap_or_default();
+            if wsguard::state::parse(&bytes).is_ok_and(|s| s.bans.len() == n as usize) {
                 return Ok(());
             }
             ensure!(Instant::now() < end, "state never held {n} bans");

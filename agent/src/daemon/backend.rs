@@ -561,7 +561,6 @@ impl Backend for Agent {
 }
 
 /// The ban that covers `ip`: its host ban, else the first CIDR ban containing it.
-fn banned_by(p: &crate::policy::Policy, ip: IpAddr) -> Option<&Ban> {
-    p.get(&Cidr::host(ip))
-        .or_else(|| p.bans().find(|b| !b.cidr.is_host() && b.cidr.contains(&ip)))
+fn banned_by(p: &crate::policy::Policy, ip: IpAddr) -> Option<Ban> {
+    p.covering(ip)
 }

@@ -21,7 +21,7 @@ use crate::{
     duration,
     logs::LogsHandle,
     model::{Ban, BanSource},
-    policy::{Applied, BanRequest, Change, Offense, Policy, Refusal, RefuseReason, Ttl},
+    policy::{Applied, BanRequest, Change, Policy, Refusal, RefuseReason, Ttl},
     state,
 };
 
@@ -207,25 +207,34 @@ impl Agent {
     /// Write the current state. Snapshots are numbered under the agent lock and written one at
     /// a time, and a write never replaces a newer snapshot: the writer task and the exit path
     /// can race (an aborted writer's blocking half keeps running).
+    ///
+    /// The bans are copied under the lock a chunk at a time, never all at once: a write holds
+    /// at least every change made before it started (`changes` is read first), and a change
+    /// made during it is in the next write, which `mark_dirty` has already asked for.
     pub fn save_state(&self) -> Result<(), state::StateError> {
         let t = Instant::now();
-        let (n, changes, snap) = {
+        let (n, changes, header) = {
             let g = self.lock();
             (
                 self.snapshots.fetch_add(1, Ordering::SeqCst) + 1,
                 self.changes.load(Ordering::SeqCst),
-                Self::snapshot_of(&g),
+                Self::header_of(&g),
             )
         };
-        let snap_ms = t.elapsed().as_millis() as u64;
-        let (mut snap, offenses) = snap;
-        snap.offenses = offenses.into_iter().collect();
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         if written.snapshot > n {
             return Ok(());
         }
         let abandon = || self.abandon_below.load(Ordering::SeqCst) > n;
-        match state::save(&self.cfg.state_dir, &snap, &abandon) {
+        let mut after = None;
+        let mut bans = 0usize;
+        let mut next = || {
+            let chunk = self.lock().policy.bans_after(after, SAVE_CHUNK);
+            after = chunk.last().map(|b| b.cidr);
+            bans += chunk.len();
+            chunk
+        };
+        match state::save(&self.cfg.state_dir, &header, &mut next, &abandon) {
             Ok(()) => {}
             Err(state::StateError::Abandoned) => return Ok(()),
             Err(e) => return Err(e),
@@ -236,12 +245,7 @@ impl Agent {
         };
         drop(written);
         if t.elapsed() >= std::time::Duration::from_secs(1) {
-            info!(
-                bans = snap.bans.len(),
-                snapshot_ms = snap_ms,
-                ms = t.elapsed().as_millis() as u64,
-                "slow state save"
-            );
+            info!(bans, ms = t.elapsed().as_millis() as u64, "slow state save");
         }
         Ok(())
     }
@@ -266,24 +270,22 @@ impl Agent {
         self.save_state()
     }
 
-    /// What the state file needs, copied under the lock. The offence history is copied as a
-    /// plain list and sorted into the file's map after the lock is released (a million tree
-    /// inserts under the lock would stall every API call and ban).
-    fn snapshot_of(g: &Inner) -> (state::Snapshot, Vec<(Cidr, Offense)>) {
+    /// What the state file holds besides the bans, copied under the lock.
+    fn header_of(g: &Inner) -> state::Header {
         let p = &g.policy;
-        let state = state::Snapshot {
-            version: state::VERSION,
-            bans: p.shared_bans().cloned().collect(),
+        state::Header {
             allow: p
                 .allow_entries()
                 .filter(|e| e.source == crate::model::AllowSource::Manual)
                 .cloned()
                 .collect(),
-            offenses: Default::default(),
-        };
-        (state, p.offenses().iter().map(|(c, o)| (*c, *o)).collect())
+            offenses: p.offenses().iter().map(|(c, o)| (*c, *o)).collect(),
+        }
     }
 }
+
+/// Bans copied per lock hold while the state is written (a few milliseconds each).
+const SAVE_CHUNK: usize = 8192;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Written {

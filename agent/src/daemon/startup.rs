@@ -19,6 +19,8 @@
 
 use std::{collections::BTreeSet, path::Path};
 
+use time::OffsetDateTime;
+
 use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
 use wsguard_common::maps::BanValue;
@@ -31,10 +33,10 @@ use crate::{
     addr::Cidr,
     config::AgentConfig,
     datapath::{DataPath, DataPathError, DataPathOptions},
-    model::{Ban, Mode},
+    model::{AllowEntry, Ban, Mode},
     paths,
-    policy::{Policy, PolicyConfig},
-    state::{self, Loaded, State},
+    policy::{Offense, Policy, PolicyConfig},
+    state::{self, Loaded},
 };
 
 pub fn policy_config(cfg: &AgentConfig) -> PolicyConfig {
@@ -48,20 +50,73 @@ pub fn policy_config(cfg: &AgentConfig) -> PolicyConfig {
     }
 }
 
-/// Read the state file; an unusable one is moved aside and the agent goes on without it.
-pub fn load_state(dir: &Path) -> Option<State> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    match state::load(dir, now) {
-        Ok(Loaded::Found(s)) => Some(s),
-        Ok(Loaded::Missing) => None,
+/// The state file read straight into the policy: saved bans wait there, pending, for the
+/// kernel maps to confirm them (no second copy of a million bans).
+struct Restore<'a> {
+    policy: &'a mut Policy,
+    now: OffsetDateTime,
+    bans: u64,
+    expired: u64,
+}
+
+impl state::Sink for Restore<'_> {
+    fn allow(&mut self, e: AllowEntry) {
+        if let Err(err) = self.policy.allow_add(e.cidr, e.reason.clone()) {
+            warn!(addr = %e.cidr, "dropping saved allowlist entry: {err}");
+        }
+    }
+
+    fn offense(&mut self, c: Cidr, o: Offense) {
+        self.policy.restore_offense(c, o);
+    }
+
+    fn ban(&mut self, b: Ban) {
+        // Expired ones too: the kernel's entry of the same ban is counted once, in the walk.
+        if b.is_expired(self.now) {
+            self.expired += 1;
+        }
+        self.bans += 1;
+        if let Err(r) = self.policy.restore_pending(b) {
+            warn!("not restoring saved ban: {r}");
+        }
+    }
+}
+
+/// Read the state file into `policy`; an unusable one is moved aside and the agent goes on
+/// without it (`fresh` makes the policy again, as the part read is thrown away).
+fn load_state(dir: &Path, policy: &mut Policy, fresh: impl Fn() -> Policy) {
+    let t = std::time::Instant::now();
+    let now = OffsetDateTime::now_utc();
+    let mut r = Restore {
+        policy,
+        now,
+        bans: 0,
+        expired: 0,
+    };
+    let res = state::load(dir, now.unix_timestamp(), &mut r);
+    let (bans, expired) = (r.bans, r.expired);
+    let failed = match res {
+        Ok(Loaded::Found) => {
+            info!(
+                bans,
+                expired,
+                ms = t.elapsed().as_millis() as u64,
+                "state file read"
+            );
+            return;
+        }
+        Ok(Loaded::Missing) => return,
         Ok(Loaded::MovedAside { to, why }) => {
             error!(moved_to = %to.display(), "state file unusable, starting from the pinned maps: {why}");
-            None
+            true
         }
         Err(e) => {
             error!("cannot read the state file, starting from the pinned maps: {e}");
-            None
+            false
         }
+    };
+    if failed {
+        *policy = fresh();
     }
 }
 
@@ -78,25 +133,12 @@ fn mark_restoring(dir: &Path) -> std::io::Result<()> {
 
 pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
     let t = std::time::Instant::now();
-    let saved = load_state(&cfg.state_dir);
-    info!(
-        bans = saved.as_ref().map_or(0, |s| s.bans.len()),
-        ms = t.elapsed().as_millis() as u64,
-        "state file read"
-    );
     let marker = cfg.state_dir.join(paths::RESTORE_MARKER);
     let interrupted = marker.exists();
     if interrupted {
         warn!("the previous start died while restoring bans from the state file; finishing it");
     }
     let restoring = interrupted || !pins_present(&cfg.pin_dir);
-    if restoring
-        && saved.as_ref().is_some_and(|s| !s.bans.is_empty())
-        && let Err(e) = mark_restoring(&cfg.state_dir)
-    {
-        // Enforcing matters more than surviving a crash in the next second or two.
-        error!(marker = %marker.display(), "cannot mark the restore as pending, restoring anyway: {e}");
-    }
     let opts = DataPathOptions {
         pin_dir: cfg.pin_dir.clone(),
         interfaces: cfg.interfaces.clone(),
@@ -130,6 +172,7 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
             });
         }
     };
+    info!(ms = t.elapsed().as_millis() as u64, "data path open");
     let current = dp.config().context("cannot read the kernel CONFIG")?;
     dp.set_config(&kernel::kernel_config(cfg, &current))
         .context("cannot write the kernel CONFIG")?;
@@ -140,10 +183,15 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
     dp.set_proxy_trust(&cfg.proxy_protocol_from)
         .context("cannot write the trusted PROXY senders (proxy_protocol_from)")?;
 
-    let mut policy = Policy::new(policy_config(cfg), &kernel::node_addrs(), &cfg.allow);
-    // Before the bans are reconciled: a pinned ban of a load balancer (an older build judged
-    // its flows as its own) is lifted here rather than adopted.
-    policy.set_proxy_trust(&cfg.proxy_protocol_from);
+    let node = kernel::node_addrs();
+    let fresh = || {
+        let mut p = Policy::new(policy_config(cfg), &node, &cfg.allow);
+        // Before the bans are reconciled: a pinned ban of a load balancer (an older build
+        // judged its flows as its own) is lifted here rather than adopted.
+        p.set_proxy_trust(&cfg.proxy_protocol_from);
+        p
+    };
+    let mut policy = fresh();
     for c in crate::proxy::wide(&cfg.proxy_protocol_from) {
         warn!(
             proxy_protocol_from = %c,
@@ -151,24 +199,22 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
              (and get it banned); list the load balancers' own subnets"
         );
     }
-    let saved = saved.unwrap_or_default();
-    for e in &saved.allow {
-        if let Err(err) = policy.allow_add(e.cidr, e.reason.clone()) {
-            warn!(addr = %e.cidr, "dropping saved allowlist entry: {err}");
-        }
-    }
-    for (c, o) in &saved.offenses {
-        policy.restore_offense(*c, *o);
+    load_state(&cfg.state_dir, &mut policy, fresh);
+    if restoring
+        && !policy.is_empty()
+        && let Err(e) = mark_restoring(&cfg.state_dir)
+    {
+        // Enforcing matters more than surviving a crash in the next second or two.
+        error!(marker = %marker.display(), "cannot mark the restore as pending, restoring anyway: {e}");
     }
     let kernel_allow: BTreeSet<Cidr> = dp
         .allows()
         .context("cannot read the allowlist maps")?
         .into_iter()
         .collect();
-    info!(ms = t.elapsed().as_millis() as u64, "data path open");
     let mut inner = Inner::new(policy, dp, kernel_allow);
     inner.sync_allow();
-    reconcile_bans(&mut inner, saved.bans, !restoring)?;
+    reconcile_bans(&mut inner, !restoring)?;
     match std::fs::remove_file(&marker) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -178,58 +224,67 @@ pub fn open(cfg: &AgentConfig) -> anyhow::Result<Inner> {
     Ok(inner)
 }
 
-/// `maps_are_truth`: a saved ban missing from the maps was removed since the state write (and
-/// stays removed); otherwise it is written back.
-fn reconcile_bans(inner: &mut Inner, saved: Vec<Ban>, maps_are_truth: bool) -> anyhow::Result<()> {
+/// The saved bans are in the policy, pending. One walk of the maps confirms those it finds
+/// (the live entry's timing and flags are newer than any state write) and adopts the rest;
+/// then the saved bans still pending were removed since the state write (`maps_are_truth`:
+/// they stay removed) or are written back.
+fn reconcile_bans(inner: &mut Inner, maps_are_truth: bool) -> anyhow::Result<()> {
     let c_started = std::time::Instant::now();
     let c = Clocks::now();
-    let mut saved: std::collections::HashMap<Cidr, Ban> =
-        saved.into_iter().map(|b| (b.cidr, b)).collect();
-    let live = inner.dp.bans().context("cannot read the ban maps")?;
-    let read_ms = c_started.elapsed().as_millis() as u64;
     let (mut adopted, mut expired, mut restored, mut dropped) = (0, 0u64, 0, 0);
-    for (cidr, v) in live {
-        if v.is_expired(c.boot_ns) {
-            let _ = inner.dp.del_ban(&cidr);
-            saved.remove(&cidr);
-            expired += 1;
-            continue;
-        }
-        let from_kernel = kernel::adopted_ban(cidr, &v, &c);
-        let ban = match saved.remove(&cidr) {
-            // The live entry's timing and flags are newer than any state write.
-            Some(s) => Ban {
-                mode: from_kernel.mode,
-                hard: from_kernel.hard,
-                expires_at: from_kernel.expires_at,
-                ..s
-            },
-            None => {
-                adopted += 1;
-                from_kernel
+    let mut gone = Vec::new();
+    let Inner { policy, dp, .. } = inner;
+    dp.each_ban(&mut |chunk| {
+        for (cidr, v) in chunk {
+            if v.is_expired(c.boot_ns) {
+                gone.push(*cidr);
+                policy.unban(cidr);
+                expired += 1;
+                continue;
             }
-        };
-        if let Err(r) = inner.policy.restore(ban) {
-            warn!("lifting pinned ban: {r}");
-            let _ = inner.dp.del_ban(&cidr);
-        }
-    }
-    let mut batch = Vec::new();
-    for (cidr, ban) in saved {
-        if ban.is_expired(c.wall) {
-            expired += 1;
-        } else if maps_are_truth {
-            dropped += 1;
-        } else {
-            let v = kernel::ban_value(&ban, &c);
-            match inner.policy.restore(ban) {
-                Ok(()) => batch.push((cidr, v)),
-                Err(r) => warn!("not restoring saved ban: {r}"),
+            let from_kernel = kernel::adopted_ban(*cidr, v, &c);
+            let ban = match policy.get(cidr) {
+                Some(s) if policy.is_pending(cidr) => Ban {
+                    mode: from_kernel.mode,
+                    hard: from_kernel.hard,
+                    expires_at: from_kernel.expires_at,
+                    ..s
+                },
+                _ => {
+                    adopted += 1;
+                    from_kernel
+                }
+            };
+            if let Err(r) = policy.restore(ban) {
+                warn!("lifting pinned ban: {r}");
+                gone.push(*cidr);
             }
         }
+        Ok(())
+    })
+    .context("cannot read the ban maps")?;
+    let read_ms = c_started.elapsed().as_millis() as u64;
+    for cidr in &gone {
+        let _ = inner.dp.del_ban(cidr);
     }
-    for chunk in batch.chunks(RESTORE_CHUNK) {
-        restored += restore_chunk(inner, chunk);
+    loop {
+        let pending = inner.policy.take_pending(RESTORE_CHUNK);
+        if pending.is_empty() {
+            break;
+        }
+        let mut batch = Vec::new();
+        for b in &pending {
+            if b.is_expired(c.wall) {
+                expired += 1;
+                inner.policy.unban(&b.cidr);
+            } else if maps_are_truth {
+                dropped += 1;
+                inner.policy.unban(&b.cidr);
+            } else {
+                batch.push((b.cidr, kernel::ban_value(b, &c)));
+            }
+        }
+        restored += restore_chunk(inner, &batch);
     }
     inner.policy.count_expired(expired);
     info!(

@@ -133,24 +133,17 @@ impl DataPath {
         self.rewrite(&out)
     }
 
-    /// Set every ban's flag from the allowlist (at open: repairs a crash between an allowlist
-    /// insert and its unflagging, and flags bans written before the flag existed). Writes
-    /// only the bans whose flag changes.
+    /// Write the bans whose allowlist flag the open found wrong, already re-flagged (repairs a
+    /// crash between an allowlist insert and its unflagging, and flags bans written before the
+    /// flag existed).
     pub(super) fn reconcile_flags(
         &mut self,
-        bans: &[(Cidr, BanValue)],
+        out: &[(Cidr, BanValue)],
     ) -> Result<(), DataPathError> {
-        let out: Vec<(Cidr, BanValue)> = bans
-            .iter()
-            .map(|(c, v)| (*c, self.allows.flagged(c, v)))
-            .zip(bans)
-            .filter(|((_, new), (_, old))| new.flags != old.flags)
-            .map(|(n, _)| n)
-            .collect();
         if !out.is_empty() {
             tracing::info!(bans = out.len(), "setting the allowlist flag of bans");
         }
-        self.rewrite(&out)
+        self.rewrite(out)
     }
 
     /// Write back existing bans with new values: host bans batched, networks one by one.

@@ -300,6 +300,38 @@ impl Maps {
             .map_err(err("delete a ban"))
     }
 
+    /// Every ban, at most `limit` per map, handed to `f` a chunk at a time: a walk of a
+    /// million bans holds one chunk, not a copy of the maps.
+    pub fn each_ban(&self, limit: usize, f: &mut BanChunks<'_>) -> Result<(), DataPathError> {
+        host_chunks(
+            &self.bans_v4,
+            limit,
+            "BANS_V4",
+            &mut |k| Cidr::host(Ipv4Addr::from(k).into()),
+            f,
+        )?;
+        host_chunks(
+            &self.bans_v6,
+            limit,
+            "BANS_V6",
+            &mut |k| Cidr::host(Ipv6Addr::from(k).into()),
+            f,
+        )?;
+        let mut nets = Vec::new();
+        for r in self.cidrs_v4.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BAN_CIDRS_V4"))?;
+            nets.extend(net(Ipv4Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
+        }
+        for r in self.cidrs_v6.iter().take(limit) {
+            let (k, v) = r.map_err(err("walk BAN_CIDRS_V6"))?;
+            nets.extend(net(Ipv6Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
+        }
+        for c in nets.chunks(READ_CHUNK) {
+            f(c)?;
+        }
+        Ok(())
+    }
+
     /// Every ban, at most `limit` per map.
     pub fn bans(&self, limit: usize) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
         let mut out = Vec::new();
@@ -422,6 +454,9 @@ impl Maps {
     }
 }
 
+/// What a walk of the ban maps hands each chunk to.
+pub type BanChunks<'a> = dyn FnMut(&[(Cidr, BanValue)]) -> Result<(), DataPathError> + 'a;
+
 /// Entries per `BPF_MAP_LOOKUP_BATCH` when reading a whole ban map.
 const READ_CHUNK: usize = 8192;
 
@@ -440,6 +475,45 @@ fn host_entries<const N: usize>(
             .take(limit)
             .map(|r| r.map_err(|e| DataPathError::Other(format!("walk {name}: {e}"))))
             .collect(),
+        Err(e) => Err(DataPathError::Other(format!("read {name}: {e}"))),
+    }
+}
+
+/// [`host_entries`] a chunk at a time, keys turned into addresses by `cidr`.
+fn host_chunks<const N: usize>(
+    map: &HashMap<MapData, [u8; N], BanValue>,
+    limit: usize,
+    name: &str,
+    cidr: &mut dyn FnMut([u8; N]) -> Cidr,
+    f: &mut BanChunks<'_>,
+) -> Result<(), DataPathError> {
+    let fd = map.map().fd().as_fd();
+    let mut buf = Vec::with_capacity(READ_CHUNK);
+    let mut failed = None;
+    let batched = sys::lookup_chunks(fd, READ_CHUNK, limit, &mut |c: &[([u8; N], BanValue)]| {
+        buf.clear();
+        buf.extend(c.iter().map(|(k, v)| (cidr(*k), *v)));
+        f(&buf).map_err(|e| {
+            failed = Some(e);
+            std::io::Error::other("stopped")
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    match batched {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            for r in map.iter().take(limit) {
+                let (k, v) = r.map_err(|e| DataPathError::Other(format!("walk {name}: {e}")))?;
+                buf.push((cidr(k), v));
+                if buf.len() == READ_CHUNK {
+                    f(&buf)?;
+                    buf.clear();
+                }
+            }
+            if buf.is_empty() { Ok(()) } else { f(&buf) }
+        }
         Err(e) => Err(DataPathError::Other(format!("read {name}: {e}"))),
     }
 }

@@ -158,33 +158,45 @@ impl DataPath {
         netlink_fallbacks: u64,
         pending: Vec<BurstEvent>,
     ) -> Result<Self, DataPathError> {
-        let bans = maps.bans(opts.max_bans as usize + 1)?;
+        let allows = allowflag::AllowIndex::new(&maps.allows(1 << 16)?);
+        // One walk of the maps, a chunk at a time: a million bans are never all in memory.
+        let (mut v4, mut v6, mut entries) = (0, 0, 0u64);
+        let mut prefilter = prefilter::Prefilter::empty();
+        let mut reflag = Vec::new();
+        maps.each_ban(opts.max_bans as usize + 1, &mut |chunk| {
+            for (c, v) in chunk {
+                entries += 1;
+                if !c.is_host() {
+                    if c.is_v4() {
+                        v4 += 1;
+                    } else {
+                        v6 += 1;
+                    }
+                }
+                prefilter.add_unsealed(c);
+                let flagged = allows.flagged(c, v);
+                if flagged.flags != v.flags {
+                    reflag.push((*c, flagged));
+                }
+            }
+            Ok(())
+        })?;
         // A crash between a count update and the trie write leaves the count high; make it
         // exact again now that nobody else writes.
-        let (v4, v6) = bans
-            .iter()
-            .filter(|(c, _)| !c.is_host())
-            .fold(
-                (0, 0),
-                |(a, b), (c, _)| {
-                    if c.is_v4() { (a + 1, b) } else { (a, b + 1) }
-                },
-            );
         let mut cfg = maps.config()?;
         if (cfg.cidr_v4, cfg.cidr_v6) != (v4, v6) {
             (cfg.cidr_v4, cfg.cidr_v6) = (v4, v6);
             maps.write_config(&cfg)?;
         }
-        let allows = allowflag::AllowIndex::new(&maps.allows(1 << 16)?);
         // Whatever the map holds (fresh zeros, a migration's empty one, an older agent's) is
         // replaced by the bitmap of the bans now in the maps; nobody else writes bans.
-        let prefilter = prefilter::Prefilter::new(bans.iter().map(|(c, _)| c));
+        prefilter.seal();
         prefilter.write_all(&maps.ban_filter)?;
         let mut dp = Self {
             maps,
             pins,
             max_bans: opts.max_bans,
-            ban_entries: bans.len() as u64,
+            ban_entries: entries,
             interfaces,
             netlink_fallbacks,
             pending,
@@ -192,7 +204,7 @@ impl DataPath {
             allows,
             preserve_pending: std::collections::HashSet::new(),
         };
-        dp.reconcile_flags(&bans)?;
+        dp.reconcile_flags(&reflag)?;
         Ok(dp)
     }
 
@@ -308,6 +320,22 @@ impl DataPath {
             v.flags &= !(BAN_NOT_ALLOWLISTED | BAN_MAY_PRESERVE);
         }
         Ok(bans)
+    }
+
+    /// Every ban entry in the maps as [`DataPath::bans`] gives them, a chunk at a time.
+    pub fn each_ban(&self, f: &mut maps::BanChunks<'_>) -> Result<(), DataPathError> {
+        use wsguard_common::maps::{BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED};
+        let mut buf = Vec::new();
+        self.maps
+            .each_ban(self.max_bans as usize + 1, &mut |chunk| {
+                buf.clear();
+                buf.extend(chunk.iter().map(|(c, v)| {
+                    let mut v = *v;
+                    v.flags &= !(BAN_NOT_ALLOWLISTED | BAN_MAY_PRESERVE);
+                    (*c, v)
+                }));
+                f(&buf)
+            })
     }
 
     /// The drop counter of each of `cidrs` (0 where absent), one lookup each: a page of a

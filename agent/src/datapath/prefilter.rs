@@ -57,21 +57,37 @@ pub struct Prefilter {
 
 impl Prefilter {
     /// The bitmap for exactly `bans` (write it with [`Prefilter::write_all`]).
+    #[cfg(test)]
     pub fn new<'a>(bans: impl IntoIterator<Item = &'a Cidr>) -> Self {
-        let mut f = Self {
+        let mut f = Self::empty();
+        for c in bans {
+            f.add_unsealed(c);
+        }
+        f.seal();
+        f
+    }
+
+    /// Built ban by ban ([`Prefilter::add_unsealed`], then [`Prefilter::seal`]), for a walk of
+    /// the maps that never holds every ban.
+    pub fn empty() -> Self {
+        Self {
             words: Vec::new(),
             v4: HashMap::new(),
             v6: HashMap::new(),
             v4_wide: Vec::new(),
             v6_wide: 0,
-        };
-        for c in bans {
-            f.count(cover(c), true);
         }
-        let mut words = f.family(false);
-        words.extend(f.family(true));
-        f.words = words;
-        f
+    }
+
+    pub fn add_unsealed(&mut self, c: &Cidr) {
+        self.count(cover(c), true);
+    }
+
+    /// Compute the bitmap from what was added.
+    pub fn seal(&mut self) {
+        let mut words = self.family(false);
+        words.extend(self.family(true));
+        self.words = words;
     }
 
     fn count(&mut self, cover: Cover, add: bool) {

@@ -307,11 +307,32 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
     chunk: usize,
     limit: usize,
 ) -> io::Result<Option<Vec<(K, V)>>> {
-    let mut chunk = chunk.max(1);
     let mut out = Vec::new();
+    let r = lookup_chunks(map, chunk, limit, &mut |c: &[(K, V)]| {
+        out.extend_from_slice(c);
+        Ok(())
+    })?;
+    Ok(r.then_some(out))
+}
+
+/// What [`lookup_chunks`] hands each syscall's entries to.
+pub type Chunks<'a, K, V> = dyn FnMut(&[(K, V)]) -> io::Result<()> + 'a;
+
+/// Like [`lookup_all`], handing each syscall's entries to `f` instead of collecting them (a
+/// walk of a million entries holds one chunk). `Ok(false)` if the kernel has no batch lookup
+/// for this map and nothing was handed out.
+pub fn lookup_chunks<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    limit: usize,
+    f: &mut Chunks<'_, K, V>,
+) -> io::Result<bool> {
+    let mut chunk = chunk.max(1);
+    let mut seen = 0usize;
     // The hash map's position token is a bucket index (u32); 8 bytes covers every map type.
     let (mut token_in, mut token_out) = (0u64, 0u64);
     let mut first = true;
+    let mut out: Vec<(K, V)> = Vec::new();
     loop {
         let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(chunk);
         let mut values: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(chunk);
@@ -338,26 +359,28 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
                 continue;
             }
             Err(e) if first && batch_unsupported(e) => {
-                return Ok(None);
+                return Ok(false);
             }
-            Err(_) => return r.map(|()| None),
+            Err(_) => return r.map(|()| false),
         };
-        let n = (attr.count as usize).min(chunk);
-        // SAFETY: the kernel filled the first `n` keys and values (`count` says how many);
-        // K and V are Pod, so any bytes are valid values.
+        let n = (attr.count as usize).min(chunk).min(limit - seen);
+        // SAFETY: the kernel filled the first `attr.count` keys and values (`count` says how
+        // many, and `n` is no more); K and V are Pod, so any bytes are valid values.
         unsafe {
             keys.set_len(n);
             values.set_len(n);
         }
+        out.clear();
         out.extend(
             keys.into_iter()
                 .zip(values)
                 // SAFETY: initialised above.
                 .map(|(k, v)| unsafe { (k.assume_init(), v.assume_init()) }),
         );
-        if end || out.len() >= limit {
-            out.truncate(limit);
-            return Ok(Some(out));
+        f(&out)?;
+        seen += n;
+        if end || seen >= limit {
+            return Ok(true);
         }
         token_in = token_out;
         first = false;

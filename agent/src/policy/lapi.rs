@@ -24,7 +24,7 @@ impl Policy {
             self.count_refused(r.reason());
             return Err(r);
         }
-        let Some(old) = self.get(&ban.cidr).cloned() else {
+        let Some(old) = self.get(&ban.cidr) else {
             if self.len() as u64 >= self.cfg.max_bans {
                 let r = Refusal::Full {
                     cidr: ban.cidr,

@@ -13,11 +13,16 @@
 //!   wins but still counts as an offence.
 //! - Offence history is forgotten `offense_memory` after the last offence of an address that
 //!   is no longer banned, so a storm of one-off sources does not grow it forever.
+//! - A ban carries its own offence count while it lasts; the history gets an entry when a
+//!   kernel, log or manual ban ends. Imports and CrowdSec decisions are not offences seen by
+//!   this node and leave no history (a million imported bans must not cost a million
+//!   entries), so re-importing an address does not escalate it.
 
 mod allow;
 mod breaker;
 mod lapi;
 mod page;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -26,8 +31,7 @@ pub use breaker::{Breaker, BreakerConfig, Gate};
 pub use lapi::LapiChange;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
+    collections::{BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -172,10 +176,7 @@ impl PolicyCounters {
 
 pub struct Policy {
     cfg: PolicyConfig,
-    /// Shared with state snapshots, so a snapshot of every ban copies no ban.
-    bans: BTreeMap<Cidr, Arc<Ban>>,
-    /// Expiring bans by expiry, so the sweep never walks every ban.
-    by_expiry: BTreeSet<(OffsetDateTime, Cidr)>,
+    bans: store::Store,
     active: [u64; BanSource::ALL.len()],
     allow: allow::Allowlist,
     offenses: HashMap<Cidr, Offense>,
@@ -197,8 +198,7 @@ impl Policy {
         Self {
             breaker: Breaker::new(cfg.breaker),
             cfg,
-            bans: BTreeMap::new(),
-            by_expiry: BTreeSet::new(),
+            bans: store::Store::new(),
             active: [0; BanSource::ALL.len()],
             allow: allow::Allowlist::new(builtin, config),
             offenses: HashMap::new(),
@@ -238,7 +238,7 @@ impl Policy {
         for (i, r) in reqs.iter().enumerate() {
             match self.check_allowed(&r.cidr) {
                 Err(e) => bad.push((i, e)),
-                Ok(()) if !self.bans.contains_key(&r.cidr) => {
+                Ok(()) if !self.bans.contains(&r.cidr) => {
                     new.insert(r.cidr);
                 }
                 Ok(()) => {}
@@ -278,7 +278,7 @@ impl Policy {
 
     fn decide(&mut self, req: BanRequest, now: OffsetDateTime) -> Result<Applied, Refusal> {
         self.check_allowed(&req.cidr)?;
-        if let Some(old) = self.bans.get(&req.cidr).map(|b| Ban::clone(b)) {
+        if let Some(old) = self.bans.get(&req.cidr) {
             return Ok(self.extend(old, req, now));
         }
         if self.bans.len() as u64 >= self.cfg.max_bans {
@@ -304,13 +304,8 @@ impl Policy {
         }
         let observe = req.observe || gate == Gate::Observe || self.cfg.mode == Mode::Observe;
         let offenses = prior.saturating_add(1);
-        self.offenses.insert(
-            req.cidr,
-            Offense {
-                count: offenses,
-                last: now,
-            },
-        );
+        // The ban holds the count now; the history gets it back when the ban ends.
+        self.offenses.remove(&req.cidr);
         let ban = Ban {
             cidr: req.cidr,
             source: req.source,
@@ -359,8 +354,7 @@ impl Policy {
                 change: Change::Unchanged,
             };
         }
-        self.remove(&old.cidr);
-        self.insert(ban.clone());
+        self.replace(&ban);
         Applied {
             ban,
             change: Change::Updated,
@@ -384,16 +378,44 @@ impl Policy {
     /// The allowlist still wins (it may have grown since); the cap and breaker do not apply.
     pub fn restore(&mut self, ban: Ban) -> Result<(), Refusal> {
         self.check_allowed(&ban.cidr)?;
-        self.offenses
-            .entry(ban.cidr)
-            .and_modify(|o| o.count = o.count.max(ban.offenses))
-            .or_insert(Offense {
-                count: ban.offenses,
-                last: ban.created_at,
-            });
-        self.remove(&ban.cidr);
-        self.insert(ban);
+        self.replace(&ban);
         Ok(())
+    }
+
+    /// Put back a saved ban that the kernel maps have yet to confirm (start-up): it stays
+    /// pending until [`Policy::confirm`] or it is dropped by [`Policy::take_pending`].
+    pub fn restore_pending(&mut self, ban: Ban) -> Result<(), Refusal> {
+        self.check_allowed(&ban.cidr)?;
+        self.remove_quiet(&ban.cidr);
+        self.insert_flags(&ban, store::PENDING);
+        Ok(())
+    }
+
+    /// Whether `cidr` has a ban still pending, as restored from the state file.
+    pub fn is_pending(&self, cidr: &Cidr) -> bool {
+        self.bans
+            .rec(cidr)
+            .is_some_and(|r| r.flags & store::PENDING != 0)
+    }
+
+    pub fn confirm(&mut self, cidr: &Cidr) {
+        self.bans.set_flags(cidr, 0, store::PENDING);
+    }
+
+    /// Up to `max` bans still pending, in address order, confirmed as they are returned (the
+    /// caller writes them back or drops them).
+    pub fn take_pending(&mut self, max: usize) -> Vec<Ban> {
+        let out: Vec<Ban> = self
+            .bans
+            .iter()
+            .filter(|(_, r)| r.flags & store::PENDING != 0)
+            .take(max)
+            .map(|(c, r)| self.bans.ban(*c, r))
+            .collect();
+        for b in &out {
+            self.bans.set_flags(&b.cidr, 0, store::PENDING);
+        }
+        out
     }
 
     pub fn restore_offense(&mut self, cidr: Cidr, o: Offense) {
@@ -408,12 +430,7 @@ impl Policy {
 
     /// Remove and return every ban that expired at `now`, counted.
     pub fn expire(&mut self, now: OffsetDateTime) -> Vec<Ban> {
-        let due: Vec<Cidr> = self
-            .by_expiry
-            .iter()
-            .take_while(|(t, _)| *t <= now)
-            .map(|(_, c)| *c)
-            .collect();
+        let due = self.bans.due(store::nanos(now));
         let gone: Vec<Ban> = due.iter().filter_map(|c| self.remove(c)).collect();
         self.counters.expired += gone.len() as u64;
         self.prune_offenses(now);
@@ -433,7 +450,7 @@ impl Policy {
             time::Duration::try_from(self.cfg.offense_memory).unwrap_or(time::Duration::MAX);
         let bans = &self.bans;
         self.offenses
-            .retain(|c, o| bans.contains_key(c) || now - o.last < memory);
+            .retain(|c, o| bans.contains(c) || now - o.last < memory);
     }
 
     /// Expired bans found at start-up (pinned maps or state) that never reached `expire`.
@@ -486,7 +503,7 @@ impl Policy {
     fn lift_overlapping(&mut self, cidr: &Cidr) -> Vec<Ban> {
         let hit: Vec<Cidr> = self
             .bans
-            .keys()
+            .cidrs()
             .filter(|b| b.overlaps(cidr))
             .copied()
             .collect();
@@ -497,17 +514,34 @@ impl Policy {
         self.allow.entries()
     }
 
-    pub fn bans(&self) -> impl Iterator<Item = &Ban> {
-        self.bans.values().map(|b| &**b)
+    /// Every ban in address order, each built as it is reached.
+    pub fn bans(&self) -> impl Iterator<Item = Ban> + '_ {
+        self.bans.iter().map(|(c, r)| self.bans.ban(*c, r))
     }
 
-    /// The bans as the policy holds them: cloning one shares it.
-    pub fn shared_bans(&self) -> impl Iterator<Item = &Arc<Ban>> {
-        self.bans.values()
+    /// Up to `max` bans after `after` (from the first if `None`), in address order: the
+    /// state writer's chunks.
+    pub fn bans_after(&self, after: Option<Cidr>, max: usize) -> Vec<Ban> {
+        let it: Box<dyn Iterator<Item = (&Cidr, &store::Rec)>> = match after {
+            Some(c) => Box::new(self.bans.after(c)),
+            None => Box::new(self.bans.iter()),
+        };
+        it.take(max).map(|(c, r)| self.bans.ban(*c, r)).collect()
     }
 
-    pub fn get(&self, cidr: &Cidr) -> Option<&Ban> {
-        self.bans.get(cidr).map(|b| &**b)
+    pub fn get(&self, cidr: &Cidr) -> Option<Ban> {
+        self.bans.get(cidr)
+    }
+
+    /// The ban that covers `ip`: its host ban, else the first network ban containing it.
+    pub fn covering(&self, ip: std::net::IpAddr) -> Option<Ban> {
+        self.get(&Cidr::host(ip)).or_else(|| {
+            let c = self
+                .bans
+                .cidrs()
+                .find(|c| !c.is_host() && c.contains(&ip))?;
+            self.get(c)
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -515,7 +549,7 @@ impl Policy {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bans.is_empty()
+        self.bans.len() == 0
     }
 
     /// Active bans per source, indexed like `BanSource::ALL`.
@@ -536,21 +570,44 @@ impl Policy {
     }
 
     fn insert(&mut self, ban: Ban) {
-        if let Some(e) = ban.expires_at {
-            self.by_expiry.insert((e, ban.cidr));
-        }
-        self.active[src_idx(ban.source)] += 1;
-        self.generation += 1;
-        self.bans.insert(ban.cidr, Arc::new(ban));
+        self.insert_flags(&ban, 0);
     }
 
-    fn remove(&mut self, cidr: &Cidr) -> Option<Ban> {
-        let ban = Arc::unwrap_or_clone(self.bans.remove(cidr)?);
+    fn insert_flags(&mut self, ban: &Ban, flags: u8) {
+        self.active[src_idx(ban.source)] += 1;
         self.generation += 1;
-        if let Some(e) = ban.expires_at {
-            self.by_expiry.remove(&(e, ban.cidr));
-        }
+        self.bans.put(ban, flags);
+        self.bans.settle();
+    }
+
+    /// Replace the ban of `ban.cidr` (if any) without it counting as an end of the old one.
+    fn replace(&mut self, ban: &Ban) {
+        self.remove_quiet(&ban.cidr);
+        self.insert_flags(ban, 0);
+    }
+
+    fn remove_quiet(&mut self, cidr: &Cidr) -> Option<Ban> {
+        let ban = self.bans.remove(cidr)?;
+        self.generation += 1;
         self.active[src_idx(ban.source)] -= 1;
+        Some(ban)
+    }
+
+    /// A ban ends: its offence count goes back to the history, for the sources that feed it.
+    fn remove(&mut self, cidr: &Cidr) -> Option<Ban> {
+        let ban = self.remove_quiet(cidr)?;
+        if matches!(
+            ban.source,
+            BanSource::Kernel | BanSource::Log | BanSource::Manual
+        ) {
+            self.restore_offense(
+                ban.cidr,
+                Offense {
+                    count: ban.offenses,
+                    last: ban.created_at,
+                },
+            );
+        }
         Some(ban)
     }
 }

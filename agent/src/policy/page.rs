@@ -1,8 +1,6 @@
 //! Paging through the bans for the API's list (the CLI pages 10k at a time through 1M).
 
-use std::ops::Bound;
-
-use super::Policy;
+use super::{Policy, store};
 use crate::{
     addr::Cidr,
     model::{Ban, BanSource},
@@ -23,29 +21,19 @@ impl Policy {
     /// Bans in address order, `offset` into those of `source` (every source if `None`), at
     /// most `limit`. Consecutive pages resume where the previous one ended.
     pub fn page(&mut self, source: Option<BanSource>, offset: usize, limit: usize) -> Vec<Ban> {
-        let keep = |b: &&Ban| source.is_none_or(|s| b.source == s);
-        let page: Vec<Ban> = match self.cursor {
+        let store = &self.bans;
+        let keep = |(_, r): &(&Cidr, &store::Rec)| source.is_none_or(|s| store.source(r) == s);
+        let it: Box<dyn Iterator<Item = (&Cidr, &store::Rec)>> = match self.cursor {
             Some(c)
                 if c.generation == self.generation
                     && c.source == source
                     && c.next_offset == offset =>
             {
-                self.bans
-                    .range((Bound::Excluded(c.last), Bound::Unbounded))
-                    .map(|(_, b)| &**b)
-                    .filter(keep)
-                    .take(limit)
-                    .cloned()
-                    .collect()
+                Box::new(store.after(c.last).filter(keep))
             }
-            _ => self
-                .bans()
-                .filter(keep)
-                .skip(offset)
-                .take(limit)
-                .cloned()
-                .collect(),
+            _ => Box::new(store.iter().filter(keep).skip(offset)),
         };
+        let page: Vec<Ban> = it.take(limit).map(|(c, r)| store.ban(*c, r)).collect();
         self.cursor = page.last().map(|b| PageCursor {
             generation: self.generation,
             source,

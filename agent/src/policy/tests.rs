@@ -410,7 +410,7 @@ fn restore_keeps_metadata_and_respects_a_grown_allowlist() {
         .ban;
     let mut q = policy();
     q.restore(ban.clone()).unwrap();
-    assert_eq!(q.get(&ban.cidr), Some(&ban));
+    assert_eq!(q.get(&ban.cidr), Some(ban.clone()));
     assert_eq!(q.counters().created_total(), 0);
     let mut allowed = Policy::new(cfg(), &[], &[c("198.51.100.0/24")]);
     assert!(allowed.restore(ban).is_err());

@@ -124,8 +124,10 @@ impl AgentLab {
 
     pub fn state(&self) -> Result<Value> {
         let p = self.state_dir().join("state.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-        Ok(serde_json::from_str(&text)?)
+        let bytes = std::fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+        // Through the agent's reader: version 2 groups bans, this gives every ban whole.
+        let state = wsguard::state::parse(&bytes).map_err(anyhow::Error::msg)?;
+        Ok(serde_json::to_value(state)?)
     }
 
     /// Wait (bounded) until the state file satisfies `ok`; returns it.

@@ -184,13 +184,16 @@ fn ban_file(n: u32) -> String {
     text
 }
 
-/// How many bans `state.json` holds (counted without parsing).
+/// How many bans `state.json` holds, counted without parsing: a complete file (version 2)
+/// has one `["ADDR",...]` row per ban, and nothing else in it opens with `["`.
 fn state_bans(path: &Path) -> usize {
     let Ok(bytes) = fs::read(path) else {
         return 0;
     };
-    let needle = b"\"cidr\"";
-    bytes.windows(needle.len()).filter(|w| w == needle).count()
+    if !bytes.ends_with(b"]}") {
+        return 0;
+    }
+    bytes.windows(2).filter(|w| w == b"[\"").count()
 }
 
 fn run_ok(c: &mut Command, what: &str) -> Result<(Duration, u64)> {

@@ -46,7 +46,7 @@ fn unusable_state_files_are_moved_aside_and_pinned_bans_are_adopted() -> Result<
         (
             "truncated",
             good[..good.len() / 2].to_vec(),
-            "not a state file",
+            "corrupt state file",
         ),
         (
             "future",

@@ -108,7 +108,7 @@ impl Agent {
         let now = ms(c.wall);
         for (cidr, shrink) in touched {
             let longest = l.longest(&cidr, now).map(|(_, e)| e.clone());
-            let cur = g.policy.get(&cidr).cloned();
+            let cur = g.policy.get(&cidr);
             let Some(e) = longest else {
                 if cur
                     .as_ref()
