@@ -335,20 +335,10 @@ impl Maps {
     /// Every ban, at most `limit` per map.
     pub fn bans(&self, limit: usize) -> Result<Vec<(Cidr, BanValue)>, DataPathError> {
         let mut out = Vec::new();
-        for (k, v) in host_entries(&self.bans_v4, limit, "BANS_V4")? {
-            out.push((Cidr::host(Ipv4Addr::from(k).into()), v));
-        }
-        for (k, v) in host_entries(&self.bans_v6, limit, "BANS_V6")? {
-            out.push((Cidr::host(Ipv6Addr::from(k).into()), v));
-        }
-        for r in self.cidrs_v4.iter().take(limit) {
-            let (k, v) = r.map_err(err("walk BAN_CIDRS_V4"))?;
-            out.extend(net(Ipv4Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
-        }
-        for r in self.cidrs_v6.iter().take(limit) {
-            let (k, v) = r.map_err(err("walk BAN_CIDRS_V6"))?;
-            out.extend(net(Ipv6Addr::from(k.data()).into(), k.prefix_len()).map(|c| (c, v)));
-        }
+        self.each_ban(limit, &mut |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -460,26 +450,9 @@ pub type BanChunks<'a> = dyn FnMut(&[(Cidr, BanValue)]) -> Result<(), DataPathEr
 /// Entries per `BPF_MAP_LOOKUP_BATCH` when reading a whole ban map.
 const READ_CHUNK: usize = 8192;
 
-/// Every entry of an exact ban map, at most `limit`: batched reads (a 1M-entry map in about a
-/// hundred syscalls instead of two million), key by key where the kernel has no batch lookup.
-fn host_entries<const N: usize>(
-    map: &HashMap<MapData, [u8; N], BanValue>,
-    limit: usize,
-    name: &str,
-) -> Result<Vec<([u8; N], BanValue)>, DataPathError> {
-    let fd = map.map().fd().as_fd();
-    match sys::lookup_all(fd, READ_CHUNK, limit) {
-        Ok(Some(v)) => Ok(v),
-        Ok(None) => map
-            .iter()
-            .take(limit)
-            .map(|r| r.map_err(|e| DataPathError::Other(format!("walk {name}: {e}"))))
-            .collect(),
-        Err(e) => Err(DataPathError::Other(format!("read {name}: {e}"))),
-    }
-}
-
-/// [`host_entries`] a chunk at a time, keys turned into addresses by `cidr`.
+/// Every entry of an exact ban map, at most `limit`, a chunk at a time: batched reads (a
+/// 1M-entry map in about a hundred syscalls instead of two million), key by key where the
+/// kernel has no batch lookup; keys turned into addresses by `cidr`.
 fn host_chunks<const N: usize>(
     map: &HashMap<MapData, [u8; N], BanValue>,
     limit: usize,
