@@ -8,8 +8,9 @@
 //! - agent RSS: the peak (VmHWM, reset through `/proc/PID/clear_refs` before each stage) and the
 //!   steady RSS after it; the kernel maps (`memlock` of the agent's map fds) separately.
 //!
-//! `WSGUARD_SCALE_SIZES=10000,100000` limits the sizes. Needs the release `wsguard` next to it
-//! (xtask builds it first).
+//! `WSGUARD_SCALE_SIZES=10000,100000` limits the sizes. `WSGUARD_SCALE_PERF=DIR` records each
+//! stage system-wide with `perf record` into `DIR/SIZE-STAGE.data`, for profiling. Needs the
+//! release `wsguard` next to it (xtask builds it first).
 
 use anyhow::{Context as _, Result, bail, ensure};
 use std::{
@@ -218,6 +219,47 @@ fn run_ok(c: &mut Command, what: &str) -> Result<(Duration, u64)> {
     Ok((t.elapsed(), n))
 }
 
+/// `perf record -a` for one stage when `WSGUARD_SCALE_PERF` names a directory; stopped (SIGINT,
+/// so it writes its file) on drop.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(n: u32, stage: &str) -> Result<Self> {
+        let Ok(dir) = std::env::var("WSGUARD_SCALE_PERF") else {
+            return Ok(Self(None));
+        };
+        fs::create_dir_all(&dir)?;
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-a",
+                "-F",
+                "999",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+            ])
+            .arg(Path::new(&dir).join(format!("{n}-{stage}.data")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn perf record")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self(Some(child)))
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+}
+
 fn size(n: u32, wsguard: &Path) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let l = Lab {
@@ -234,6 +276,7 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
 
     // Import, then the state file.
     reset_peak(pid)?;
+    let perf = Perf::start(n, "import")?;
     let (import, _) = run_ok(
         l.cli()
             .arg("import")
@@ -257,6 +300,7 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
+    drop(perf);
     let import_peak = proc_kib(pid, "VmHWM:")?;
     std::thread::sleep(Duration::from_secs(2));
     let steady = proc_kib(pid, "VmRSS:")?;
@@ -264,13 +308,17 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
 
     // List.
     reset_peak(pid)?;
+    let perf = Perf::start(n, "list")?;
     let (list, bytes) = run_ok(l.cli().args(["ban", "list", "-o", "json"]), "ban list")?;
+    drop(perf);
     let list_peak = proc_kib(pid, "VmHWM:")?;
 
     // Restart with the pins kept.
     let stop = agent.stop()?;
     drop(agent);
+    let perf = Perf::start(n, "restart")?;
     let (agent, ready) = l.start("restart")?;
+    drop(perf);
     let pid = agent.pid();
     let restart_peak = proc_kib(pid, "VmHWM:")?;
     std::thread::sleep(Duration::from_secs(2));
