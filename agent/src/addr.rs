@@ -81,10 +81,22 @@ impl Cidr {
         self.net().contains(&unmap(*ip))
     }
 
-    /// Whether the two share any address (one contains the other).
+    /// Whether the two share any address (one contains the other): they agree on the bits of
+    /// the shorter prefix. Integer math, as an import asks it for every entry against every
+    /// allowlisted network.
     pub fn overlaps(&self, other: &Cidr) -> bool {
-        let (a, b) = (self.net(), other.net());
-        a.contains(&b) || b.contains(&a)
+        let p = self.prefix.min(other.prefix);
+        match (self.addr, other.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+                (u32::from(a) ^ u32::from(b)) & mask == 0
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(p)).unwrap_or(0);
+                (u128::from(a) ^ u128::from(b)) & mask == 0
+            }
+            _ => false,
+        }
     }
 }
 
@@ -207,6 +219,25 @@ mod tests {
         let b: Cidr = "10.1.2.3".parse().unwrap();
         let c: Cidr = "11.0.0.0/8".parse().unwrap();
         assert!(a.overlaps(&b) && b.overlaps(&a) && !a.overlaps(&c));
+        // Every prefix length, both families, against the network arithmetic it replaces.
+        let v6: Cidr = "fd00:5a::1:2".parse().unwrap();
+        for p in 0..=128u8 {
+            let n = Cidr::new(IpNet::new(v6.addr(), p).unwrap().trunc().addr(), p).unwrap();
+            assert!(n.overlaps(&v6) && v6.overlaps(&n), "/{p}");
+            let other: Cidr = "fd00:5b::1:2".parse().unwrap();
+            let (x, y) = (n.net(), other.net());
+            assert_eq!(n.overlaps(&other), x.contains(&y) || y.contains(&x), "/{p}");
+        }
+        for p in 0..=32u8 {
+            let n = Cidr::new(IpNet::new(b.addr(), p).unwrap().trunc().addr(), p).unwrap();
+            assert!(n.overlaps(&b), "/{p}");
+            assert_eq!(n.overlaps(&c), p <= 7, "/{p}: 10.x and 11.x share 7 bits");
+        }
+        let v4: Cidr = "198.18.0.1".parse().unwrap();
+        assert!(
+            !v4.overlaps(&"::/1".parse().unwrap()),
+            "families never overlap"
+        );
         assert!("0.0.0.0/0".parse::<Cidr>().unwrap().is_everything());
         assert!("::/0".parse::<Cidr>().unwrap().is_everything());
     }

@@ -115,12 +115,19 @@ impl Agent {
                 }
             }
         }
-        let writes: Vec<_> = applied
+        let (writes, fresh): (Vec<_>, Vec<_>) = applied
             .iter()
             .filter(|a| a.change != Change::Unchanged)
-            .map(|a| (a.ban.cidr, kernel::ban_value(&a.ban, &c)))
-            .collect();
-        let stats = match g.dp.put_bans(&writes) {
+            .map(|a| {
+                (
+                    (a.ban.cidr, kernel::ban_value(&a.ban, &c)),
+                    a.change == Change::Created,
+                )
+            })
+            .unzip();
+        // A ban the policy just created has no entry in the maps: the policy holds every ban
+        // the maps do (adopted at start, rolled back when a write fails).
+        let stats = match g.dp.put_bans_hinted(&writes, |i| fresh[i]) {
             Ok(stats) => stats,
             Err(e) => {
                 let unwritten: HashSet<Cidr> = e.unwritten.iter().copied().collect();
@@ -158,12 +165,12 @@ impl Agent {
         );
         drop(g);
         self.mark_dirty();
-        let changed: Vec<Ban> = applied
-            .iter()
-            .filter(|a| a.change != Change::Unchanged)
-            .map(|a| a.ban.clone())
-            .collect();
-        self.lapi_publish(&changed);
+        self.lapi_publish(
+            applied
+                .iter()
+                .filter(|a| a.change != Change::Unchanged)
+                .map(|a| &a.ban),
+        );
         match err {
             Some(e) => Err(e),
             None => Ok((applied.into_iter().map(|a| a.ban).collect(), stats)),
@@ -464,7 +471,7 @@ impl Backend for Agent {
     fn import(&self, req: ImportRequest) -> Result<ImportResponse, ApiError> {
         let mut bad = Vec::new();
         let mut reqs = Vec::with_capacity(req.entries.len());
-        for (i, e) in req.entries.iter().enumerate() {
+        for (i, e) in req.entries.into_iter().enumerate() {
             let parsed = e.addr.parse::<Cidr>().map_err(|x| x.to_string());
             match parsed.and_then(|cidr| Ok((cidr, ttl(e.ttl_s, e.permanent)?))) {
                 Ok((cidr, ttl)) => reqs.push(BanRequest {
@@ -472,7 +479,6 @@ impl Backend for Agent {
                     source: BanSource::Import,
                     reason: e
                         .reason
-                        .clone()
                         .filter(|r| !r.trim().is_empty())
                         .unwrap_or_else(|| "import".into()),
                     ttl,

@@ -146,11 +146,11 @@ impl Agent {
                     .map(|e| duration::human((e - b.created_at).unsigned_abs()));
                 info!(addr = %cidr, source = b.source.as_str(), mode = b.mode.as_str(), ttl = ttl.as_deref().unwrap_or("permanent"), offenses = b.offenses, reason = %b.reason, "banned");
                 self.mark_dirty();
-                self.lapi_publish(std::slice::from_ref(b));
+                self.lapi_publish([b]);
             }
             Ok(a) if a.change == Change::Updated => {
                 self.mark_dirty();
-                self.lapi_publish(std::slice::from_ref(&a.ban));
+                self.lapi_publish([&a.ban]);
             }
             Ok(_) => {}
             // A storm refuses thousands: the metric counts them, the log says it once (above).

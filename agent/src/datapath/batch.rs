@@ -3,9 +3,9 @@
 //! (LPM tries have no batch operations, and each one also moves the CIDR count in CONFIG).
 //!
 //! The bookkeeping stays exact: which keys already exist is read before writing (from one
-//! batched read of the maps when they are small next to the batch, else key by key), so the
-//! entry count and the cap are right and a replaced ban keeps its drop counter, as with
-//! [`DataPath::put_ban`]. A crash between two chunks leaves a prefix of the batch in the maps
+//! batched read of the maps when they are small next to the batch, else key by key; keys the
+//! caller vouches absent are not read), so the entry count and the cap are right and a replaced
+//! ban keeps its drop counter, as with [`DataPath::put_ban`]. A crash between two chunks leaves a prefix of the batch in the maps
 //! and nothing half-written: each entry is one update, and host bans move no counter in the
 //! kernel, so the next start adopts whatever is there.
 //!
@@ -58,21 +58,36 @@ impl DataPath {
     /// [`DataPath::put_ban`] one by one but batched for host bans. Refused as a whole, with
     /// nothing written, if the new entries do not fit under the cap.
     pub fn put_bans(&mut self, bans: &[(Cidr, BanValue)]) -> Result<WriteStats, PutBansError> {
+        self.put_bans_hinted(bans, |_| false)
+    }
+
+    /// [`DataPath::put_bans`], told which entries the maps cannot hold yet: `fresh(i)` vouches
+    /// that no entry for `bans[i]` exists (the caller's own record of the maps says so, as the
+    /// policy's does for a ban it just created), so it is not looked up first. That lookup is
+    /// one syscall per host ban and most of an import's kernel time. A wrong vouch costs the
+    /// entry's drop counter and counts it once too many until the next open recounts.
+    pub fn put_bans_hinted(
+        &mut self,
+        bans: &[(Cidr, BanValue)],
+        fresh: impl Fn(usize) -> bool,
+    ) -> Result<WriteStats, PutBansError> {
         // Last one wins, as sequential puts would; keep the first-seen order otherwise.
         let mut seen = HashSet::with_capacity(bans.len());
-        let mut last: Vec<(Cidr, BanValue)> = bans
+        let mut last: Vec<(Cidr, BanValue, bool)> = bans
             .iter()
+            .enumerate()
             .rev()
-            .filter(|(c, _)| seen.insert(*c))
-            .copied()
+            .filter(|(_, (c, _))| seen.insert(*c))
+            .map(|(i, (c, v))| (*c, *v, fresh(i)))
             .collect();
+        drop(seen);
         last.reverse();
         let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
         let flows =
             match super::preserve::FlowClients::read(&self.maps, super::preserve::Keep::Live) {
                 Ok(f) => f,
                 Err(err) => {
-                    let unwritten = last.iter().map(|(c, _)| *c).collect();
+                    let unwritten = last.iter().map(|(c, _, _)| *c).collect();
                     return Err(PutBansError {
                         unwritten,
                         err,
@@ -80,18 +95,28 @@ impl DataPath {
                     });
                 }
             };
-        for (c, v) in last {
+        for (c, v, fresh) in last {
             let v = flows.flagged(&c, &self.allows.flagged(&c, &v));
             match (c.addr(), c.is_host()) {
-                (IpAddr::V4(a), true) => v4.push((c, a.octets(), v)),
-                (IpAddr::V6(a), true) => v6.push((c, a.octets(), v)),
+                (IpAddr::V4(a), true) => v4.push(Host {
+                    cidr: c,
+                    key: a.octets(),
+                    value: v,
+                    fresh,
+                }),
+                (IpAddr::V6(a), true) => v6.push(Host {
+                    cidr: c,
+                    key: a.octets(),
+                    value: v,
+                    fresh,
+                }),
                 _ => nets.push((c, v)),
             }
         }
         let all_unwritten = |v4: &[Host<4>], v6: &[Host<16>], nets: &[(Cidr, BanValue)]| {
             v4.iter()
-                .map(|h| h.0)
-                .chain(v6.iter().map(|h| h.0))
+                .map(|h| h.cidr)
+                .chain(v6.iter().map(|h| h.cidr))
                 .chain(nets.iter().map(|n| n.0))
                 .collect::<Vec<_>>()
         };
@@ -102,7 +127,9 @@ impl DataPath {
         };
 
         // Which entries are new decides the cap and which drop counters to carry over.
-        let snapshot = self.ban_entries <= 2 * (v4.len() + v6.len()) as u64;
+        let unvouched =
+            v4.iter().filter(|h| !h.fresh).count() + v6.iter().filter(|h| !h.fresh).count();
+        let snapshot = self.ban_entries <= 2 * unvouched as u64;
         let old4 = existing(&self.maps.bans_v4, &v4, snapshot);
         let old6 = existing(&self.maps.bans_v6, &v6, snapshot);
         let (old4, old6) = match (old4, old6) {
@@ -143,14 +170,14 @@ impl DataPath {
         // the batch, one batched write of the words that change. A batch cut short leaves
         // some buckets looked up for nothing (slower, never wrong) until the next open.
         let mut dirty = Vec::new();
-        for (c, k, _) in &v4 {
-            if !old4.contains_key(k) {
-                self.prefilter.add(c, &mut dirty);
+        for h in &v4 {
+            if !old4.contains_key(&h.key) {
+                self.prefilter.add(&h.cidr, &mut dirty);
             }
         }
-        for (c, k, _) in &v6 {
-            if !old6.contains_key(k) {
-                self.prefilter.add(c, &mut dirty);
+        for h in &v6 {
+            if !old6.contains_key(&h.key) {
+                self.prefilter.add(&h.cidr, &mut dirty);
             }
         }
         if let Err(e) = self.prefilter.write(&self.maps.ban_filter, &mut dirty) {
@@ -168,7 +195,7 @@ impl DataPath {
         let r = match write_hosts(fd4, &v4, &old4, cap, &mut stats, &mut added) {
             // IPv6 was never tried.
             Err((mut unwritten, err)) => {
-                unwritten.extend(v6.iter().map(|h| h.0));
+                unwritten.extend(v6.iter().map(|h| h.cidr));
                 Err((unwritten, err))
             }
             Ok(()) => {
@@ -192,17 +219,24 @@ impl DataPath {
     }
 }
 
-/// A host ban: the network, its key in the exact map, its value.
-type Host<const N: usize> = (Cidr, [u8; N], BanValue);
+/// A host ban: the network, its key in the exact map, its value, and whether it is vouched
+/// absent from the map.
+struct Host<const N: usize> {
+    cidr: Cidr,
+    key: [u8; N],
+    value: BanValue,
+    fresh: bool,
+}
 
-/// Existing entries among `hosts`' keys, with their drop counters.
+/// Existing entries among `hosts`' keys, with their drop counters; vouched-fresh hosts are
+/// taken at their word.
 fn existing<const N: usize>(
     map: &aya::maps::HashMap<MapData, [u8; N], BanValue>,
     hosts: &[Host<N>],
     snapshot: bool,
 ) -> Result<HashMap<[u8; N], u64>, DataPathError> {
     let mut out = HashMap::new();
-    if hosts.is_empty() {
+    if hosts.iter().all(|h| h.fresh) {
         return Ok(out);
     }
     if snapshot {
@@ -210,17 +244,17 @@ fn existing<const N: usize>(
             .map_err(|e| DataPathError::Other(format!("read the ban map: {e}")))?;
         if let Some(all) = all {
             let all: HashMap<[u8; N], u64> = all.into_iter().map(|(k, v)| (k, v.drops)).collect();
-            for (_, k, _) in hosts {
-                if let Some(d) = all.get(k) {
-                    out.insert(*k, *d);
+            for h in hosts.iter().filter(|h| !h.fresh) {
+                if let Some(d) = all.get(&h.key) {
+                    out.insert(h.key, *d);
                 }
             }
             return Ok(out);
         }
     }
-    for (_, k, _) in hosts {
-        match map.get(k, 0) {
-            Ok(v) => _ = out.insert(*k, v.drops),
+    for h in hosts.iter().filter(|h| !h.fresh) {
+        match map.get(&h.key, 0) {
+            Ok(v) => _ = out.insert(h.key, v.drops),
             Err(e) if maps::not_found(&e) => {}
             Err(e) => return Err(DataPathError::Other(format!("read a ban: {e}"))),
         }
@@ -241,13 +275,13 @@ fn write_hosts<const N: usize>(
     while at < hosts.len() {
         let n = CHUNK.min(kill_budget()).min(hosts.len() - at);
         let chunk = &hosts[at..at + n];
-        let keys: Vec<[u8; N]> = chunk.iter().map(|h| h.1).collect();
+        let keys: Vec<[u8; N]> = chunk.iter().map(|h| h.key).collect();
         let values: Vec<BanValue> = chunk
             .iter()
-            .map(|(_, k, v)| BanValue {
+            .map(|h| BanValue {
                 // Drops the kernel counts between the read and this write are lost: a handful.
-                drops: old.get(k).copied().unwrap_or(0),
-                ..*v
+                drops: old.get(&h.key).copied().unwrap_or(0),
+                ..h.value
             })
             .collect();
         let mut r = sys::update_batch(fd, &keys, &values);
@@ -262,18 +296,18 @@ fn write_hosts<const N: usize>(
         stats.entries += done as u64;
         *added += chunk[..done]
             .iter()
-            .filter(|h| !old.contains_key(&h.1))
+            .filter(|h| !old.contains_key(&h.key))
             .count() as u64;
         wrote(done as u64);
         if let Err(e) = r {
-            let first = chunk[done].0;
+            let first = chunk[done].cidr;
             let err = if matches!(e.err.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
                 warn!(addr = %first, "the exact ban map is full before the cap: {}", e.err);
                 DataPathError::Full { capacity }
             } else {
                 DataPathError::Other(format!("write the ban of {first}: {}", e.err))
             };
-            return Err((hosts[at + done..].iter().map(|h| h.0).collect(), err));
+            return Err((hosts[at + done..].iter().map(|h| h.cidr).collect(), err));
         }
         at += n;
     }

@@ -234,16 +234,21 @@ impl Policy {
     /// nothing applied. A batch that would overflow the cap is refused entirely.
     pub fn preflight(&mut self, reqs: &[BanRequest]) -> Result<(), Vec<(usize, Refusal)>> {
         let mut bad = Vec::new();
-        let mut new = BTreeSet::new();
         for (i, r) in reqs.iter().enumerate() {
-            match self.check_allowed(&r.cidr) {
-                Err(e) => bad.push((i, e)),
-                Ok(()) if !self.bans.contains(&r.cidr) => {
-                    new.insert(r.cidr);
-                }
-                Ok(()) => {}
+            if let Err(e) = self.check_allowed(&r.cidr) {
+                bad.push((i, e));
             }
         }
+        // Counting the new networks costs a lookup each: only when the batch could overflow.
+        let could_overflow = self.bans.len() as u64 + reqs.len() as u64 > self.cfg.max_bans;
+        let new: BTreeSet<Cidr> = if bad.is_empty() && could_overflow {
+            reqs.iter()
+                .filter(|r| !self.bans.contains(&r.cidr))
+                .map(|r| r.cidr)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         if bad.is_empty() && self.bans.len() as u64 + new.len() as u64 > self.cfg.max_bans {
             let full = reqs
                 .iter()
@@ -296,7 +301,8 @@ impl Policy {
         if gate == Gate::Refuse {
             return Err(Refusal::RateLimited { cidr: req.cidr });
         }
-        let prior = self.offenses.get(&req.cidr).map_or(0, |o| o.count);
+        // The ban holds the count now; the history gets it back when the ban ends.
+        let prior = self.offenses.remove(&req.cidr).map_or(0, |o| o.count);
         let expires_at = self.expiry(req.ttl, prior, now);
         let mut reason = req.reason;
         if gate == Gate::Observe {
@@ -304,8 +310,6 @@ impl Policy {
         }
         let observe = req.observe || gate == Gate::Observe || self.cfg.mode == Mode::Observe;
         let offenses = prior.saturating_add(1);
-        // The ban holds the count now; the history gets it back when the ban ends.
-        self.offenses.remove(&req.cidr);
         let ban = Ban {
             cidr: req.cidr,
             source: req.source,
@@ -323,7 +327,7 @@ impl Policy {
             scenario: None,
         };
         self.counters.created[src_idx(req.source)] += 1;
-        self.insert(ban.clone());
+        self.insert_flags(&ban, 0);
         Ok(Applied {
             ban,
             change: Change::Created,
@@ -567,10 +571,6 @@ impl Policy {
 
     pub fn breaker_open(&self, now: OffsetDateTime) -> bool {
         self.breaker.is_open(now)
-    }
-
-    fn insert(&mut self, ban: Ban) {
-        self.insert_flags(&ban, 0);
     }
 
     fn insert_flags(&mut self, ban: &Ban, flags: u8) {

@@ -62,9 +62,33 @@ struct Metas {
     by_id: Vec<Option<(Arc<Meta>, u64)>>,
     ids: HashMap<Arc<Meta>, u32>,
     free: Vec<u32>,
+    /// The last id interned: a batch of bans mostly shares one, found without hashing.
+    last: Option<u32>,
 }
 
 impl Metas {
+    /// The id of the metadata of `ban`, one more use of it.
+    fn intern_of(&mut self, ban: &Ban) -> u32 {
+        if let Some(id) = self.last
+            && let Some((m, refs)) = &mut self.by_id[id as usize]
+            && m.source == ban.source
+            && *m.reason == *ban.reason
+            && m.origin.as_deref() == ban.origin.as_deref()
+            && m.scenario.as_deref() == ban.scenario.as_deref()
+        {
+            *refs += 1;
+            return id;
+        }
+        let id = self.intern(Meta {
+            source: ban.source,
+            reason: ban.reason.as_str().into(),
+            origin: ban.origin.as_deref().map(Into::into),
+            scenario: ban.scenario.as_deref().map(Into::into),
+        });
+        self.last = Some(id);
+        id
+    }
+
     fn intern(&mut self, m: Meta) -> u32 {
         if let Some(&id) = self.ids.get(&m) {
             if let Some((_, refs)) = &mut self.by_id[id as usize] {
@@ -163,12 +187,7 @@ impl Store {
 
     /// Replace any ban of `ban.cidr` with `ban`; `flags` adds store-only flags ([`PENDING`]).
     pub fn put(&mut self, ban: &Ban, flags: u8) {
-        let meta = self.metas.intern(Meta {
-            source: ban.source,
-            reason: ban.reason.as_str().into(),
-            origin: ban.origin.as_deref().map(Into::into),
-            scenario: ban.scenario.as_deref().map(Into::into),
-        });
+        let meta = self.metas.intern_of(ban);
         let rec = Rec {
             created: nanos(ban.created_at),
             expires: ban

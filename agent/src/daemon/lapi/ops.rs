@@ -20,7 +20,7 @@ impl Agent {
     }
 
     /// Queue this node's new or extended bans for publishing (never `crowdsec` ones: no echo).
-    pub(in crate::daemon) fn lapi_publish(&self, bans: &[Ban]) {
+    pub(in crate::daemon) fn lapi_publish<'a>(&self, bans: impl IntoIterator<Item = &'a Ban>) {
         let Some(link) = self.lapi().filter(|l| l.pushes()) else {
             return;
         };
@@ -28,7 +28,7 @@ impl Agent {
         {
             let mut l = lock(&link.ledger);
             let mut o = lock(&link.outbox);
-            for b in bans.iter().filter(|b| b.source != BanSource::Crowdsec) {
+            for b in bans.into_iter().filter(|b| b.source != BanSource::Crowdsec) {
                 let expires = b.expires_at.map(ms);
                 let job = PushBan {
                     cidr: b.cidr,
