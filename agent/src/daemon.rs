@@ -304,15 +304,24 @@ async fn sweeper(agent: Arc<Agent>) {
     }
 }
 
-/// Writes the state file after changes, at most every `SAVE_DEBOUNCE` and never sooner than
-/// `SAVE_BACKOFF` times the last write's duration after it. A change during a write or a wait
-/// leaves a permit in `dirty`, so the last change is always written (and the exit path writes
-/// whatever is still unsaved).
+/// Writes the state file after changes, at most every `SAVE_DEBOUNCE` and, while changes keep
+/// coming, never sooner than `SAVE_BACKOFF` times the last write's duration after it; once they
+/// stop for `SAVE_DEBOUNCE` it writes at once, so the file trails the last change of a burst
+/// (a large import) by one write, not by a backoff. A change during a write or a wait leaves a
+/// permit in `dirty`, so the last change is always written (and the exit path writes whatever
+/// is still unsaved).
 async fn saver(agent: Arc<Agent>) {
     let mut gap = SAVE_DEBOUNCE;
     loop {
         agent.dirty.notified().await;
-        tokio::time::sleep(gap).await;
+        let until = tokio::time::Instant::now() + gap;
+        loop {
+            let before = agent.changes();
+            tokio::time::sleep(SAVE_DEBOUNCE).await;
+            if agent.changes() == before || tokio::time::Instant::now() >= until {
+                break;
+            }
+        }
         // The permit may be from a change the last write already held.
         if !agent.unsaved() {
             continue;

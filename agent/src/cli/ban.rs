@@ -7,8 +7,8 @@ use time::OffsetDateTime;
 
 use super::{
     CliError, Client, Global, Output, Result,
-    client::query_value,
-    output::{JsonArray, Table, age, cidr_text, thousands, ttl_left},
+    output::{Table, age, cidr_text, thousands, ttl_left},
+    pages::{for_each_page, json_pages},
 };
 use crate::{
     addr::Cidr,
@@ -16,9 +16,6 @@ use crate::{
     duration,
     model::{BanSource, Mode},
 };
-
-/// Rows per `GET /v1/bans` page: a 1M-ban list streams in 100 requests.
-pub const PAGE: usize = 10_000;
 
 #[derive(Debug, Subcommand)]
 pub enum BanCmd {
@@ -227,47 +224,6 @@ pub fn report_removed(r: &RemoveResponse, g: &Global, what: &str, ignore: bool) 
     Err(CliError::runtime(format!(
         "not {what}: {list} (pass --ignore-missing to accept that)"
     )))
-}
-
-/// Every ban, page by page, handed to `f` (which writes it out).
-pub fn for_each_page(
-    c: &Client,
-    source: Option<BanSource>,
-    mut f: impl FnMut(&[BanJson]) -> Result<()>,
-) -> Result<()> {
-    let mut offset = 0;
-    loop {
-        let mut path = format!("/v1/bans?offset={offset}&limit={PAGE}");
-        if let Some(s) = source {
-            path.push_str(&format!("&source={}", query_value(s.as_str())));
-        }
-        let page: Vec<BanJson> = c.get(&path)?;
-        f(&page)?;
-        if page.len() < PAGE {
-            return Ok(());
-        }
-        offset += page.len();
-    }
-}
-
-/// Every ban (of `source`) as one JSON array in the `ban list` shape, page by page. Nothing is
-/// written before the first page arrived: a failure prints no stray `[`.
-pub fn json_pages(c: &Client, source: Option<BanSource>, out: &mut impl Write) -> Result<()> {
-    let mut arr = None;
-    for_each_page(c, source, |page| {
-        let arr = match &mut arr {
-            Some(a) => a,
-            None => arr.insert(JsonArray::start(out)?),
-        };
-        for b in page {
-            arr.push(out, b)?;
-        }
-        Ok(())
-    })?;
-    if let Some(arr) = arr {
-        arr.end(out)?;
-    }
-    Ok(())
 }
 
 fn list(a: ListArgs, g: &Global) -> Result<()> {

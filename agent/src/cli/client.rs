@@ -40,23 +40,36 @@ impl Client {
         self.call("DELETE", path, Some(to_json(body)?))
     }
 
+    /// A GET's body as the agent sent it (a success; an error answer becomes the error).
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        self.call_bytes("GET", path, None)
+    }
+
+    /// The error for a success answer this CLI cannot read.
+    pub fn not_understood(&self, e: impl std::fmt::Display) -> CliError {
+        CliError::runtime(format!(
+            "the agent at {} sent an answer this CLI does not understand ({e}); are the CLI and \
+             the agent the same version?",
+            self.socket.display()
+        ))
+    }
+
     fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T> {
+        let bytes = self.call_bytes(method, path, body)?;
+        serde_json::from_slice(&bytes).map_err(|e| self.not_understood(e))
+    }
+
+    fn call_bytes(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
         let (status, bytes) = self
             .request(method, path, body.as_deref())
             .map_err(|e| self.io_error(e))?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                CliError::runtime(format!(
-                    "the agent at {} sent an answer this CLI does not understand ({e}); are the \
-                     CLI and the agent the same version?",
-                    self.socket.display()
-                ))
-            });
+            return Ok(bytes);
         }
         match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(e) => Err(e.into()),

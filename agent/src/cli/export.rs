@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 
 use super::{
     Client, Global, Result,
-    ban::{for_each_page, json_pages},
     import::{Format, csv_quote},
     output::{cidr_text, secs_left},
+    pages::{for_each_page, json_pages},
 };
 
 #[derive(Debug, Args)]

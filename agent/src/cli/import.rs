@@ -12,10 +12,8 @@ use clap::Args;
 pub use formats::{Format, csv_quote};
 
 use super::{
-    CliError, Client, Global, Output, Result,
-    ban::{for_each_page, parse_ttl},
-    output::thousands,
-    term,
+    CliError, Client, Global, Output, Result, ban::parse_ttl, output::thousands,
+    pages::for_each_page, term,
 };
 use crate::{
     addr::Cidr,

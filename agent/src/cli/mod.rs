@@ -12,6 +12,7 @@ mod export;
 mod flows;
 mod import;
 mod output;
+mod pages;
 mod proxy_status;
 mod stats;
 mod status;

@@ -155,6 +155,14 @@ impl JsonArray {
         Ok(())
     }
 
+    /// An element already in JSON.
+    pub fn push_raw(&mut self, out: &mut impl Write, json: &str) -> std::io::Result<()> {
+        out.write_all(if self.n == 0 { b"\n  " } else { b",\n  " })?;
+        out.write_all(json.as_bytes())?;
+        self.n += 1;
+        Ok(())
+    }
+
     pub fn end(self, out: &mut impl Write) -> std::io::Result<()> {
         out.write_all(if self.n == 0 { b"]\n" } else { b"\n]\n" })
     }

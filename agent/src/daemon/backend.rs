@@ -26,6 +26,10 @@ use crate::{
     policy::{AllowError, BanRequest, Change, Refusal, RefuseReason, Ttl},
 };
 
+/// How old the drop counters of a listing's later pages may be: a 1M-ban list takes seconds,
+/// and re-reading every map per page would make it quadratic.
+const LIST_DROPS_AGE: Duration = Duration::from_secs(10);
+
 fn rfc3339(t: OffsetDateTime) -> String {
     t.to_offset(time::UtcOffset::UTC)
         .format(&Rfc3339)
@@ -221,10 +225,16 @@ impl Backend for Agent {
             let msgs: Vec<String> = bad.iter().map(|(_, r)| r.to_string()).collect();
             ApiError::refused(msgs.join("; "))
         })?;
-        let drops = self.lock().drops(true).clone();
+        let cidrs: Vec<Cidr> = bans.iter().map(|b| b.cidr).collect();
+        let drops = self
+            .lock()
+            .dp
+            .drops_of(&cidrs)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(bans
             .iter()
-            .map(|b| ban_json(b, drops.get(&b.cidr).copied().unwrap_or(0)))
+            .zip(drops)
+            .map(|(b, d)| ban_json(b, d))
             .collect())
     }
 
@@ -243,15 +253,17 @@ impl Backend for Agent {
     ) -> Result<Vec<BanJson>, ApiError> {
         let mut g = self.lock();
         let page = g.policy.page(source, offset, limit);
-        // Looked up per ban: reading every map per page would make listing 1M bans quadratic.
-        let cidrs: Vec<Cidr> = page.iter().map(|b| b.cidr).collect();
-        let drops =
-            g.dp.drops_of(&cidrs)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+        // A listing reads the counters at its first page and then from that walk (at most
+        // LIST_DROPS_AGE old): one batch walk of the maps costs less than a lookup per ban.
+        let max_age = if offset == 0 {
+            Duration::ZERO
+        } else {
+            LIST_DROPS_AGE
+        };
+        let drops = g.drops(max_age);
         Ok(page
             .iter()
-            .zip(drops)
-            .map(|(b, d)| ban_json(b, d))
+            .map(|b| ban_json(b, drops.get(&b.cidr).copied().unwrap_or(0)))
             .collect())
     }
 
@@ -376,7 +388,7 @@ impl Backend for Agent {
             .or_default()
             .0 += u64::from(count);
         }
-        for (c, d) in g.drops(false).clone() {
+        for (c, d) in g.drops(Duration::from_secs(1)).clone() {
             if c.is_host() && d > 0 {
                 rows.entry(c.addr()).or_default().1 += d;
             }

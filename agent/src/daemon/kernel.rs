@@ -64,19 +64,27 @@ pub const ADOPTED_REASON: &str = "adopted from pinned maps";
 /// A ban found in the pinned maps with nothing known about it: the kernel does not record the
 /// source, so it is adopted as `manual` (an operator can see and remove it) with a reason
 /// that says where it came from.
+/// A kernel entry's expiry (wall clock), mode and hardness.
+pub fn timing_of(v: &BanValue, c: &Clocks) -> (Option<OffsetDateTime>, Mode, bool) {
+    let mode = if v.flags & BAN_OBSERVE != 0 {
+        Mode::Observe
+    } else {
+        Mode::Enforce
+    };
+    let expires_at = (v.expires_ns != 0).then(|| c.wall_of(v.expires_ns));
+    (expires_at, mode, v.flags & BAN_HARD != 0)
+}
+
 pub fn adopted_ban(cidr: Cidr, v: &BanValue, c: &Clocks) -> Ban {
+    let (expires_at, mode, hard) = timing_of(v, c);
     Ban {
         cidr,
         source: BanSource::Manual,
         reason: ADOPTED_REASON.into(),
-        mode: if v.flags & BAN_OBSERVE != 0 {
-            Mode::Observe
-        } else {
-            Mode::Enforce
-        },
-        hard: v.flags & BAN_HARD != 0,
+        mode,
+        hard,
         created_at: c.wall_of(v.created_ns),
-        expires_at: (v.expires_ns != 0).then(|| c.wall_of(v.expires_ns)),
+        expires_at,
         offenses: 1,
         origin: None,
         scenario: None,

@@ -108,7 +108,7 @@ impl Agent {
         let unmatched = if log_bans.is_empty() {
             0
         } else {
-            let drops = g.drops(false);
+            let drops = g.drops(std::time::Duration::from_secs(1));
             log_bans
                 .iter()
                 .filter(|c| drops.get(c).copied().unwrap_or(0) == 0)

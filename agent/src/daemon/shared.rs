@@ -7,7 +7,7 @@ use std::{
         LazyLock, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tracing::{debug, info, warn};
@@ -55,8 +55,7 @@ pub struct Inner {
     pub dp: DataPath,
     /// What the kernel allowlist holds, so syncing it is a diff.
     pub kernel_allow: BTreeSet<Cidr>,
-    /// Per-ban drop counters read from the maps, refreshed at most every second so listing
-    /// 1M bans page by page does not walk the map once per page.
+    /// Non-zero drop counters read from the maps, and when (see [`Inner::drops`]).
     drops: Option<(Instant, HashMap<Cidr, u64>)>,
 }
 
@@ -105,6 +104,11 @@ impl Agent {
     pub fn mark_dirty(&self) {
         self.changes.fetch_add(1, Ordering::SeqCst);
         self.dirty.notify_one();
+    }
+
+    /// Calls to [`Agent::mark_dirty`] so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// A burst from the kernel ring buffer goes through the policy like any other ban.
@@ -244,7 +248,7 @@ impl Agent {
             changes,
         };
         drop(written);
-        if t.elapsed() >= std::time::Duration::from_secs(1) {
+        if t.elapsed() >= Duration::from_secs(1) {
             info!(bans, ms = t.elapsed().as_millis() as u64, "slow state save");
         }
         Ok(())
@@ -362,20 +366,29 @@ impl Inner {
         }
     }
 
-    /// Drop counters per ban from the maps; `fresh` forces a re-read.
-    pub fn drops(&mut self, fresh: bool) -> &HashMap<Cidr, u64> {
+    /// Drop counters of the bans that dropped anything (absent: 0), from one walk of the maps
+    /// (batch reads) at most `max_age` ago: many lookups, a page of a listing or a `top`, share
+    /// a walk, and bans that never dropped a packet (most of a large blocklist) take no room.
+    pub fn drops(&mut self, max_age: Duration) -> &HashMap<Cidr, u64> {
         let stale = self
             .drops
             .as_ref()
-            .is_none_or(|(t, _)| fresh || t.elapsed().as_secs() >= 1);
+            .is_none_or(|(t, _)| max_age.is_zero() || t.elapsed() >= max_age);
         if stale {
-            let m = match self.dp.bans() {
-                Ok(v) => v.into_iter().map(|(c, b)| (c, b.drops)).collect(),
-                Err(e) => {
-                    warn!("cannot read the ban maps: {e}");
-                    HashMap::new()
-                }
-            };
+            let mut m = HashMap::new();
+            let walked = self.dp.each_ban(&mut |chunk| {
+                m.extend(
+                    chunk
+                        .iter()
+                        .filter(|(_, v)| v.drops > 0)
+                        .map(|(c, v)| (*c, v.drops)),
+                );
+                Ok(())
+            });
+            if let Err(e) = walked {
+                warn!("cannot read the ban maps: {e}");
+                m.clear();
+            }
             self.drops = Some((Instant::now(), m));
         }
         &self.drops.as_ref().expect("just set").1

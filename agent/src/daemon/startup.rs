@@ -242,19 +242,12 @@ fn reconcile_bans(inner: &mut Inner, maps_are_truth: bool) -> anyhow::Result<()>
                 expired += 1;
                 continue;
             }
-            let from_kernel = kernel::adopted_ban(*cidr, v, &c);
-            let ban = match policy.get(cidr) {
-                Some(s) if policy.is_pending(cidr) => Ban {
-                    mode: from_kernel.mode,
-                    hard: from_kernel.hard,
-                    expires_at: from_kernel.expires_at,
-                    ..s
-                },
-                _ => {
-                    adopted += 1;
-                    from_kernel
-                }
-            };
+            let (expires_at, mode, hard) = kernel::timing_of(v, &c);
+            if policy.confirm_from_kernel(cidr, expires_at, mode, hard) {
+                continue;
+            }
+            adopted += 1;
+            let ban = kernel::adopted_ban(*cidr, v, &c);
             if let Err(r) = policy.restore(ban) {
                 warn!("lifting pinned ban: {r}");
                 gone.push(*cidr);

@@ -402,6 +402,25 @@ impl Policy {
             .is_some_and(|r| r.flags & store::PENDING != 0)
     }
 
+    /// Confirm the pending ban of `cidr` with what the kernel holds for it (its expiry and
+    /// flags are newer than any state write), in place: a restart confirms a million bans this
+    /// way. False when `cidr` has no pending ban (the caller adopts the kernel's entry). The
+    /// allowlist was checked when the ban became pending, and every entry added since lifted
+    /// what it covers.
+    pub fn confirm_from_kernel(
+        &mut self,
+        cidr: &Cidr,
+        expires_at: Option<OffsetDateTime>,
+        mode: Mode,
+        hard: bool,
+    ) -> bool {
+        let done = self.bans.confirm(cidr, expires_at, mode, hard);
+        if done {
+            self.generation += 1;
+        }
+        done
+    }
+
     pub fn confirm(&mut self, cidr: &Cidr) {
         self.bans.set_flags(cidr, 0, store::PENDING);
     }

@@ -210,6 +210,24 @@ impl Store {
         }
     }
 
+    /// Confirm the pending ban of `c` with the kernel entry's timing and flags, in place; false
+    /// when `c` has no pending ban.
+    pub fn confirm(
+        &mut self,
+        c: &Cidr,
+        expires: Option<OffsetDateTime>,
+        mode: Mode,
+        hard: bool,
+    ) -> bool {
+        let Some(r) = self.map.get_mut(c).filter(|r| r.flags & PENDING != 0) else {
+            return false;
+        };
+        r.expires = expires.map_or(PERMANENT, |e| nanos(e).min(PERMANENT - 1));
+        r.flags = if mode == Mode::Observe { OBSERVE } else { 0 } | if hard { HARD } else { 0 };
+        self.next_expiry = self.next_expiry.min(r.expires);
+        true
+    }
+
     pub fn set_flags(&mut self, c: &Cidr, set: u8, clear: u8) {
         if let Some(r) = self.map.get_mut(c) {
             r.flags = (r.flags | set) & !clear;

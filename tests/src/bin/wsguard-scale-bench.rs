@@ -9,7 +9,8 @@
 //!   steady RSS after it; the kernel maps (`memlock` of the agent's map fds) separately.
 //!
 //! `WSGUARD_SCALE_SIZES=10000,100000` limits the sizes. `WSGUARD_SCALE_PERF=DIR` records each
-//! stage system-wide with `perf record` into `DIR/SIZE-STAGE.data`, for profiling. Needs the
+//! stage system-wide with `perf record` into `DIR/SIZE-STAGE.data`, and keeps the agent's logs
+//! there (`DIR/SIZE-agent-first.log`, `…-restart.log`), for profiling. Needs the
 //! release `wsguard` next to it (xtask builds it first).
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -350,6 +351,16 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
     );
     drop(agent);
     wsguard::datapath::DataPath::detach_all(&l.bpffs.path().join("wsguard"))?;
+    if let Ok(to) = std::env::var("WSGUARD_SCALE_PERF") {
+        for run in ["first", "restart"] {
+            let log = format!("agent-{run}.log");
+            fs::copy(
+                l.dir.path().join(&log),
+                Path::new(&to).join(format!("{n}-{log}")),
+            )
+            .with_context(|| format!("keep {log} in {to}"))?;
+        }
+    }
     Ok(())
 }
 
