@@ -36,7 +36,7 @@ use wsguard_tests::{
         bans::{ban_list_text, kernel_ban_set},
         wsguard_bin,
     },
-    cgroup::{self, MemCgroup},
+    cgroup::{self, MemCgroup, Sampler},
 };
 
 mod cli_support;
@@ -203,6 +203,7 @@ struct Listed {
 }
 
 fn full_map_in_the_pod_limit(cg: &MemCgroup, limit: u64, n: u32) -> Result<()> {
+    let sampler = Sampler::start(cg);
     let s = Setup::new()?;
     let pod = Pod {
         s: &s,
@@ -279,15 +280,19 @@ fn full_map_in_the_pod_limit(cg: &MemCgroup, limit: u64, n: u32) -> Result<()> {
     still_alive(&mut agent, pid, "restarted")?;
     let hwm_restart = cgroup::proc_status_kib(pid, "VmHWM:")? << 10;
 
+    let sampled = sampler.finish();
     let oom = cg.oom_control()?;
     let peak = cg.read_u64("memory.max_usage_in_bytes")?;
     let kmem_peak = cg.read_u64("memory.kmem.max_usage_in_bytes")?;
     eprintln!(
         "[cgroup] limit {:.0} MiB: peak usage {:.1} MiB (kmem included), kmem peak {:.1} MiB, \
-         failcnt {}, agent VmHWM {:.1} MiB first, {:.1} MiB after the restart; {oom:?}",
+         sampled peak without page cache {:.1} MiB (rss {:.1}), failcnt {}, agent VmHWM {:.1} \
+         MiB first, {:.1} MiB after the restart; {oom:?}",
         mib(limit),
         mib(peak),
         mib(kmem_peak),
+        mib(sampled.without_cache),
+        mib(sampled.rss),
         cg.read_u64("memory.failcnt")?,
         mib(hwm_first),
         mib(hwm_restart),
