@@ -19,7 +19,12 @@
 //! to the group. Peaks (`memory.max_usage_in_bytes`, kmem included in cgroup v1) and the
 //! agents' VmHWM are printed (`--nocapture`).
 //!
-//! With the debug build this takes a few minutes (1M bans imported, listed, saved and restored).
+//! Short of memory, the kernel refuses a ban's map write (`Cannot allocate memory`: the import
+//! fails, as it did under the former 512Mi limit after 680,000 bans) or OOM-kills a process;
+//! either fails the test.
+//!
+//! With the debug build on 2 cores this takes about 100 s (1M bans imported, listed, saved and
+//! restored); it peaked at 509 MiB without page cache under the 704Mi limit.
 
 use anyhow::{Context as _, Result, ensure};
 use serde::Deserialize;
