@@ -2,6 +2,7 @@
 //! (not `ip netns exec`, whose private mount namespace would hide the pins from the next
 //! start), logs captured to a file, killed on drop so a failing test leaves no process.
 
+pub mod bans;
 pub mod http;
 pub mod lab;
 pub mod stream;
@@ -21,8 +22,8 @@ use std::{
 
 use crate::netns::NetNs;
 
-/// `target/debug/wsguard`, built once per test process (the tests crate only links the
-/// library, so cargo does not build the binary for us).
+/// `target/debug/wsguard` (under `CARGO_TARGET_DIR` when set), built once per test process
+/// (the tests crate only links the library, so cargo does not build the binary for us).
 pub fn wsguard_bin() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
@@ -40,7 +41,12 @@ pub fn wsguard_bin() -> Result<PathBuf> {
             if !st.success() {
                 return Err(format!("cargo build -p wsguard: {st}"));
             }
-            Ok(root.join("target/debug/wsguard"))
+            let target = match std::env::var_os("CARGO_TARGET_DIR") {
+                // Relative: to the directory cargo ran in, `root`.
+                Some(t) => root.join(t),
+                None => root.join("target"),
+            };
+            Ok(target.join("debug/wsguard"))
         })
         .clone()
         .map_err(anyhow::Error::msg)
@@ -89,6 +95,19 @@ impl Agent {
             child: Some(child),
             log: log.to_owned(),
         })
+    }
+
+    /// The agent's pid (nsenter execs it, so the child's), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the agent is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> Result<bool> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_none()),
+            None => Ok(false),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -145,12 +164,17 @@ impl Agent {
         Ok(())
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait (10 s) for a clean exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        self.stop_within(Duration::from_secs(10))
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit (then SIGKILL and fail).
+    pub fn stop_within(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("agent not running")?;
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = Instant::now() + timeout;
         loop {
             if let Some(st) = c.try_wait()? {
                 return Ok(st);
@@ -158,7 +182,10 @@ impl Agent {
             if Instant::now() > end {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!("agent ignored SIGTERM:\n{}", self.log_text());
+                bail!(
+                    "agent still running {timeout:?} after SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

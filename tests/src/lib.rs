@@ -2,6 +2,7 @@
 //! runs the real kernel programs through BPF_PROG_TEST_RUN, and (later) the network lab.
 
 pub mod agent;
+pub mod cgroup;
 pub mod crowdsec;
 pub mod dataplane;
 pub mod lab;

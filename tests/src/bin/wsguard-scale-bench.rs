@@ -8,6 +8,11 @@
 //! - agent RSS: the peak (VmHWM, reset through `/proc/PID/clear_refs` before each stage) and the
 //!   steady RSS after it; the kernel maps (`memlock` of the agent's map fds) separately.
 //!
+//! `WSGUARD_SCALE_CGROUP=1` runs the agent and the CLI in a memory cgroup of their own (cgroup
+//! v1, no limit; `WSGUARD_SCALE_CGROUP=384Mi` sets one) and prints the group's peak usage per
+//! stage (`memory.max_usage_in_bytes`, kernel memory and so the BPF maps included, reset before
+//! each stage) and its kernel-memory peak: what a pod's memory limit must hold.
+//!
 //! `WSGUARD_SCALE_SIZES=10000,100000` limits the sizes. `WSGUARD_SCALE_PERF=DIR` records each
 //! stage system-wide with `perf record` into `DIR/SIZE-STAGE.data`, and keeps the agent's logs
 //! there (`DIR/SIZE-agent-first.log`, `…-restart.log`), for profiling. Needs the
@@ -22,7 +27,12 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime},
 };
-use wsguard_tests::netns::{BpfFs, VethLab};
+use wsguard_tests::{
+    cgroup::{
+        MemCgroup, Sampled, Sampler, map_memlock, parse_quantity, proc_status_kib as proc_kib,
+    },
+    netns::{BpfFs, VethLab},
+};
 
 /// A release agent in the lab's first namespace; killed on drop.
 struct Agent {
@@ -63,6 +73,8 @@ struct Lab {
     lab: VethLab,
     bpffs: BpfFs,
     dir: tempfile::TempDir,
+    /// The agent's and the CLI's memory cgroup, when measuring one.
+    cg: Option<MemCgroup>,
 }
 
 impl Lab {
@@ -79,7 +91,28 @@ impl Lab {
         c.env("WSGUARD_SOCKET", self.socket())
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(cg) = &self.cg {
+            cg.enter(&mut c);
+        }
         c
+    }
+
+    /// `(peak usage, peak kernel memory)` of the group since the last reset, in bytes.
+    fn peaks(&self) -> Result<Option<(u64, u64)>> {
+        let Some(cg) = &self.cg else {
+            return Ok(None);
+        };
+        Ok(Some((
+            cg.read_u64("memory.max_usage_in_bytes")?,
+            cg.read_u64("memory.kmem.max_usage_in_bytes")?,
+        )))
+    }
+
+    fn reset_peaks(&self) -> Result<()> {
+        match &self.cg {
+            Some(cg) => cg.reset_peaks(),
+            None => Ok(()),
+        }
     }
 
     /// Start the agent and wait until its API answers; returns the time that took.
@@ -91,8 +124,8 @@ impl Lab {
             .append(true)
             .open(self.dir.path().join(format!("agent-{run}.log")))?;
         let t = Instant::now();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.lab.a.name()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.lab.a.name()))
             .arg(&self.wsguard)
             .arg("agent")
             .args(["--iface", &self.lab.if_a])
@@ -105,9 +138,11 @@ impl Lab {
             .args(["--metrics-addr", "off", "--xdp-mode", "generic"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn the agent")?;
+            .stderr(log);
+        if let Some(cg) = &self.cg {
+            cg.enter(&mut cmd);
+        }
+        let child = cmd.spawn().context("spawn the agent")?;
         let mut agent = Agent { child };
         let end = Instant::now() + Duration::from_secs(120);
         loop {
@@ -129,46 +164,12 @@ impl Lab {
     }
 }
 
-fn proc_kib(pid: u32, field: &str) -> Result<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("no {field}"))?;
-    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
-}
-
 fn reset_peak(pid: u32) -> Result<()> {
     fs::write(format!("/proc/{pid}/clear_refs"), "5").context("reset VmHWM")
 }
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-/// Bytes charged for the BPF maps the agent holds open (`memlock` of each map fd).
-fn map_memlock(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    let mut seen = std::collections::HashSet::new();
-    for e in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(text) = fs::read_to_string(e?.path()) else {
-            continue;
-        };
-        if !text.contains("map_type:") {
-            continue;
-        }
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(m)) = (field("map_id:"), field("memlock:"))
-            && seen.insert(id)
-        {
-            total += m;
-        }
-    }
-    Ok(total)
 }
 
 /// `n` distinct host addresses: a tenth IPv4 (198.19.0.0/16, at most 65536), the rest IPv6.
@@ -198,7 +199,9 @@ fn state_bans(path: &Path) -> usize {
     bytes.windows(2).filter(|w| w == b"[\"").count()
 }
 
-fn run_ok(c: &mut Command, what: &str) -> Result<(Duration, u64)> {
+/// Run to exit, stdout read and counted; returns the time, the bytes and the process's peak
+/// RSS (KiB, from wait4's rusage).
+fn run_ok(c: &mut Command, what: &str) -> Result<(Duration, u64, u64)> {
     let t = Instant::now();
     let mut child = c.stdout(Stdio::piped()).spawn()?;
     let mut out = child.stdout.take().context("stdout")?;
@@ -215,9 +218,15 @@ fn run_ok(c: &mut Command, what: &str) -> Result<(Duration, u64)> {
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut err)?;
     }
-    let st = child.wait()?;
+    let mut status = 0;
+    // SAFETY: all-zero rusage is valid; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, pointers to locals.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    ensure!(r > 0, "{what}: wait4: {}", std::io::Error::last_os_error());
+    let st = <std::process::ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(status);
     ensure!(st.success(), "{what}: {st}: {err}");
-    Ok((t.elapsed(), n))
+    Ok((t.elapsed(), n, ru.ru_maxrss as u64))
 }
 
 /// `perf record -a` for one stage when `WSGUARD_SCALE_PERF` names a directory; stopped (SIGINT,
@@ -261,24 +270,28 @@ impl Drop for Perf {
     }
 }
 
-fn size(n: u32, wsguard: &Path) -> Result<()> {
+fn size(n: u32, wsguard: &Path, cgroup: Option<Option<u64>>) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let l = Lab {
         wsguard: wsguard.to_owned(),
         lab: VethLab::new()?,
         bpffs: BpfFs::new()?,
         dir,
+        cg: cgroup.map(MemCgroup::new).transpose()?,
     };
     let (mut agent, _) = l.start("first")?;
     let pid = agent.pid();
     let idle = proc_kib(pid, "VmRSS:")?;
+    let start_peaks = l.peaks()?;
     let file = l.dir.path().join("bans.txt");
     fs::write(&file, ban_file(n))?;
 
     // Import, then the state file.
     reset_peak(pid)?;
+    l.reset_peaks()?;
     let perf = Perf::start(n, "import")?;
-    let (import, _) = run_ok(
+    let sampler = l.cg.as_ref().map(Sampler::start);
+    let (import, _, import_cli) = run_ok(
         l.cli()
             .arg("import")
             .arg(&file)
@@ -306,15 +319,23 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let steady = proc_kib(pid, "VmRSS:")?;
     let maps = map_memlock(pid)?;
+    let import_peaks = l.peaks()?;
+    let import_sampled = sampler.map(Sampler::finish);
 
     // List.
     reset_peak(pid)?;
+    l.reset_peaks()?;
     let perf = Perf::start(n, "list")?;
-    let (list, bytes) = run_ok(l.cli().args(["ban", "list", "-o", "json"]), "ban list")?;
+    let sampler = l.cg.as_ref().map(Sampler::start);
+    let (list, bytes, list_cli) = run_ok(l.cli().args(["ban", "list", "-o", "json"]), "ban list")?;
+    let list_sampled = sampler.map(Sampler::finish);
     drop(perf);
     let list_peak = proc_kib(pid, "VmHWM:")?;
+    let list_peaks = l.peaks()?;
 
     // Restart with the pins kept.
+    l.reset_peaks()?;
+    let sampler = l.cg.as_ref().map(Sampler::start);
     let stop = agent.stop()?;
     drop(agent);
     let perf = Perf::start(n, "restart")?;
@@ -324,8 +345,8 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
     let restart_peak = proc_kib(pid, "VmHWM:")?;
     std::thread::sleep(Duration::from_secs(2));
     let after = proc_kib(pid, "VmRSS:")?;
-    let (_, st) = run_ok(l.cli().args(["status", "-o", "json"]), "status")?;
-    let _ = st;
+    let restart_peaks = l.peaks()?;
+    let restart_sampled = sampler.map(Sampler::finish);
 
     println!(
         "{n:>8} bans: import {:.2} s (state.json complete {:.2} s after), list -o json {:.2} s \
@@ -349,6 +370,50 @@ fn size(n: u32, wsguard: &Path) -> Result<()> {
         mib(after),
         maps as f64 / (1 << 20) as f64,
     );
+    println!(
+        "{:>8}       CLI peak RSS MiB: import {:.0}, ban list -o json {:.0}",
+        "",
+        mib(import_cli),
+        mib(list_cli)
+    );
+    if let Some(cg) = &l.cg {
+        let s = |x: Option<Sampled>| {
+            let x = x.unwrap_or_default();
+            format!(
+                "{:.0} (without page cache {:.0}: rss {:.0}, kmem {:.0})",
+                mib(x.usage >> 10),
+                mib(x.without_cache >> 10),
+                mib(x.rss >> 10),
+                mib(x.kmem >> 10)
+            )
+        };
+        println!(
+            "{:>8}       cgroup sampled peak MiB: import {}, list {}, restart {}",
+            "",
+            s(import_sampled),
+            s(list_sampled),
+            s(restart_sampled)
+        );
+        let p = |x: Option<(u64, u64)>| {
+            let (u, k) = x.unwrap_or_default();
+            format!("{:.0} (kmem {:.0})", mib(u >> 10), mib(k >> 10))
+        };
+        let oom = cg.oom_control()?;
+        println!(
+            "{:>8}       cgroup peak MiB: start {}, import {}, list {}, restart {}; now {:.0} \
+             (kmem {:.0}, page cache {:.0}); failcnt {}, oom_kill {}",
+            "",
+            p(start_peaks),
+            p(import_peaks),
+            p(list_peaks),
+            p(restart_peaks),
+            mib(cg.read_u64("memory.usage_in_bytes")? >> 10),
+            mib(cg.read_u64("memory.kmem.usage_in_bytes")? >> 10),
+            mib(cg.stat("total_cache")? >> 10),
+            cg.read_u64("memory.failcnt")?,
+            oom.oom_kill,
+        );
+    }
     drop(agent);
     wsguard::datapath::DataPath::detach_all(&l.bpffs.path().join("wsguard"))?;
     if let Ok(to) = std::env::var("WSGUARD_SCALE_PERF") {
@@ -379,9 +444,15 @@ fn main() -> Result<()> {
             .collect::<Result<_, _>>()?,
         Err(_) => vec![10_000, 100_000, 1_000_000],
     };
+    // None: no group; Some(None): a group without a limit.
+    let cgroup = match std::env::var("WSGUARD_SCALE_CGROUP") {
+        Err(_) => None,
+        Ok(v) if v == "1" => Some(None),
+        Ok(v) => Some(Some(parse_quantity(&v).context("WSGUARD_SCALE_CGROUP")?)),
+    };
     println!("agent with the default max_bans (1M, preallocated maps), exact bans from a file:");
     for n in sizes {
-        size(n, &wsguard)?;
+        size(n, &wsguard, cgroup)?;
     }
     Ok(())
 }
