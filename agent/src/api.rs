@@ -301,9 +301,39 @@ pub struct ImportEntry {
     pub hard: bool,
 }
 
+/// Entries that share their terms, sent once for all of their addresses: an import of a
+/// blocklist with one TTL and reason is mostly addresses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportGroup {
+    pub ttl_s: Option<u64>,
+    #[serde(default)]
+    pub permanent: bool,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub observe: bool,
+    #[serde(default)]
+    pub hard: bool,
+    pub addrs: Vec<String>,
+}
+
+/// `entries` one by one, then `groups`; numbered in that order in errors. The CLI sends
+/// groups; entries are what earlier CLIs sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<ImportEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<ImportGroup>,
+}
+
+impl ImportRequest {
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.groups.iter().map(|g| g.addrs.len()).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,6 +36,11 @@ impl Client {
         self.call("POST", path, Some(to_json(body)?))
     }
 
+    /// POST a body already in JSON.
+    pub fn post_json<T: DeserializeOwned>(&self, path: &str, json: Vec<u8>) -> Result<T> {
+        self.call("POST", path, Some(json))
+    }
+
     pub fn delete<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.call("DELETE", path, Some(to_json(body)?))
     }

@@ -1,10 +1,11 @@
 //! `wsguard import FILE|-`: validate everything, then apply in batches.
 
 mod formats;
+mod wire;
 
 use std::{
-    collections::HashSet,
     io::{Read, Write},
+    sync::mpsc,
 };
 
 use clap::Args;
@@ -17,7 +18,7 @@ use super::{
 };
 use crate::{
     addr::Cidr,
-    api::{AllowJson, ImportEntry, ImportRequest, ImportResponse, StatusJson},
+    api::{AllowJson, ImportResponse, StatusJson},
 };
 
 pub const EXAMPLES: &str = "Examples:\n  \
@@ -56,7 +57,9 @@ pub fn run(a: ImportArgs, g: &Global) -> Result<()> {
     };
     let text = read_input(&a.file)?;
     let format = a.format.unwrap_or_else(|| formats::detect(&text));
-    let parsed = formats::parse(&text, format, &defaults).map_err(|bad| {
+    let parsed = formats::parse(&text, format, &defaults);
+    drop(text);
+    let parsed = parsed.map_err(|bad| {
         CliError::usage(format!(
             "{}: {} bad {}, nothing imported:\n  {}",
             a.file,
@@ -106,40 +109,7 @@ pub fn run(a: ImportArgs, g: &Global) -> Result<()> {
     refuse(&a.file, refused)?;
     check_room(&c, &a.file, &parsed.entries)?;
 
-    let total = parsed.entries.len();
-    let progress = term::stderr_is_tty() && total > BATCH;
-    let mut done = 0u64;
-    for batch in parsed.entries.chunks(BATCH) {
-        let now = time::OffsetDateTime::now_utc();
-        let entries: Vec<ImportEntry> = batch.iter().map(|p| p.at_time(now)).collect();
-        let r: ImportResponse = c
-            .post("/v1/import", &ImportRequest { entries })
-            .map_err(|e| {
-                if done > 0 {
-                    CliError {
-                        code: e.code,
-                        message: format!(
-                            "{} (the first {} entries were already imported)",
-                            e.message,
-                            thousands(done)
-                        ),
-                    }
-                } else {
-                    e
-                }
-            })?;
-        done += r.imported;
-        if progress {
-            eprint!(
-                "\rimporting: {} / {}",
-                thousands(done),
-                thousands(total as u64)
-            );
-        }
-    }
-    if progress {
-        eprintln!();
-    }
+    let done = send(&c, &parsed)?;
     let mut out = std::io::stdout().lock();
     if g.output == Output::Json {
         let v = serde_json::json!({"imported": done, "skipped": parsed.skipped.len()});
@@ -160,31 +130,89 @@ pub fn run(a: ImportArgs, g: &Global) -> Result<()> {
 /// A full ban map refuses new bans; find out before the first batch rather than halfway.
 fn check_room(c: &Client, file: &str, entries: &[formats::Parsed]) -> Result<()> {
     let st: StatusJson = c.get("/v1/status")?;
-    let unique: HashSet<Cidr> = entries.iter().map(|p| p.cidr).collect();
     let room = st.ban_map.capacity.saturating_sub(st.ban_map.entries);
+    if entries.len() as u64 <= room {
+        return Ok(());
+    }
+    // Sorted rather than hashed: 20 bytes an address, gone when this returns.
+    let mut unique: Vec<Cidr> = entries.iter().map(|p| p.cidr).collect();
+    unique.sort_unstable();
+    unique.dedup();
     if unique.len() as u64 <= room {
         return Ok(());
     }
     // Re-banning what is banned takes no room: count only the new ones.
-    let mut new = unique;
+    let mut banned = vec![false; unique.len()];
     for_each_page(c, None, |page| {
         for b in page {
-            if let Ok(cidr) = format!("{}/{}", b.addr, b.prefix_len).parse::<Cidr>() {
-                new.remove(&cidr);
+            if let Ok(cidr) = format!("{}/{}", b.addr, b.prefix_len).parse::<Cidr>()
+                && let Ok(i) = unique.binary_search(&cidr)
+            {
+                banned[i] = true;
             }
         }
         Ok(())
     })?;
-    if new.len() as u64 <= room {
+    let new = banned.iter().filter(|b| !**b).count() as u64;
+    if new <= room {
         return Ok(());
     }
     Err(CliError::refused(format!(
         "{file}: {} new bans do not fit: the ban map holds {} of {}; nothing imported (raise the \
          agent's --max-bans, or lift bans first)",
-        thousands(new.len() as u64),
+        thousands(new),
         thousands(st.ban_map.entries),
         thousands(st.ban_map.capacity)
     )))
+}
+
+/// Post the entries in batches of [`BATCH`], in file order. The next batch is encoded while
+/// the agent applies the last one; returns how many the agent imported.
+fn send(c: &Client, parsed: &formats::Outcome) -> Result<u64> {
+    let total = parsed.entries.len() as u64;
+    let progress = term::stderr_is_tty() && total > BATCH as u64;
+    let done = std::thread::scope(|s| {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1);
+        let poster = s.spawn(move || -> Result<u64> {
+            let mut done = 0u64;
+            for body in rx {
+                let r: ImportResponse = c.post_json("/v1/import", body).map_err(|e| {
+                    if done == 0 {
+                        return e;
+                    }
+                    CliError {
+                        code: e.code,
+                        message: format!(
+                            "{} (the first {} entries were already imported)",
+                            e.message,
+                            thousands(done)
+                        ),
+                    }
+                })?;
+                done += r.imported;
+                if progress {
+                    eprint!("\rimporting: {} / {}", thousands(done), thousands(total));
+                }
+            }
+            Ok(done)
+        });
+        for batch in parsed.entries.chunks(BATCH) {
+            let body = wire::body(parsed, batch, time::OffsetDateTime::now_utc())
+                .map_err(|e| CliError::runtime(format!("cannot encode the request: {e}")))?;
+            // Closed: the poster failed, and says why below.
+            if tx.send(body).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        poster
+            .join()
+            .unwrap_or_else(|_| Err(CliError::runtime("the import sender panicked")))
+    });
+    if progress {
+        eprintln!();
+    }
+    done
 }
 
 fn refuse(file: &str, refused: Vec<String>) -> Result<()> {

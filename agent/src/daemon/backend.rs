@@ -482,22 +482,35 @@ impl Backend for Agent {
 
     fn import(&self, req: ImportRequest) -> Result<ImportResponse, ApiError> {
         let mut bad = Vec::new();
-        let mut reqs = Vec::with_capacity(req.entries.len());
-        for (i, e) in req.entries.into_iter().enumerate() {
-            let parsed = e.addr.parse::<Cidr>().map_err(|x| x.to_string());
-            match parsed.and_then(|cidr| Ok((cidr, ttl(e.ttl_s, e.permanent)?))) {
+        let mut reqs = Vec::with_capacity(req.len());
+        let reason_of = |r: Option<String>| {
+            r.filter(|r| !r.trim().is_empty())
+                .unwrap_or_else(|| "import".into())
+        };
+        let mut i = 0usize;
+        let mut add = |addr: &str, ttl_s, permanent, reason: &String, observe, hard| {
+            let parsed = addr.parse::<Cidr>().map_err(|x| x.to_string());
+            match parsed.and_then(|cidr| Ok((cidr, ttl(ttl_s, permanent)?))) {
                 Ok((cidr, ttl)) => reqs.push(BanRequest {
                     cidr,
                     source: BanSource::Import,
-                    reason: e
-                        .reason
-                        .filter(|r| !r.trim().is_empty())
-                        .unwrap_or_else(|| "import".into()),
+                    reason: reason.clone(),
                     ttl,
-                    observe: e.observe,
-                    hard: e.hard,
+                    observe,
+                    hard,
                 }),
-                Err(m) => bad.push(format!("entry {i} ({:?}): {m}", e.addr)),
+                Err(m) => bad.push(format!("entry {i} ({addr:?}): {m}")),
+            }
+            i += 1;
+        };
+        for e in req.entries {
+            let reason = reason_of(e.reason);
+            add(&e.addr, e.ttl_s, e.permanent, &reason, e.observe, e.hard);
+        }
+        for g in req.groups {
+            let reason = reason_of(g.reason);
+            for a in &g.addrs {
+                add(a, g.ttl_s, g.permanent, &reason, g.observe, g.hard);
             }
         }
         if !bad.is_empty() {

@@ -5,7 +5,9 @@
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::{addr::Cidr, api::ImportEntry, duration};
+use std::collections::HashMap;
+
+use crate::{addr::Cidr, duration};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -21,36 +23,85 @@ pub struct Defaults {
     pub reason: Option<String>,
 }
 
-/// One entry and where it came from (`line 12`, `entry 3`), for error messages.
-#[derive(Clone, Debug)]
-pub struct Parsed {
-    pub at: String,
-    pub cidr: Cidr,
-    pub entry: ImportEntry,
-    /// An absolute expiry (JSON): `entry.ttl_s` is recomputed from it when the entry is sent,
-    /// so a large import does not drift by the time it took.
-    pub expires_at: Option<OffsetDateTime>,
+/// Where an entry came from, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Line(usize),
+    Entry(usize),
 }
 
-impl Parsed {
-    /// The entry to send `now`.
-    pub fn at_time(&self, now: OffsetDateTime) -> ImportEntry {
-        let mut e = self.entry.clone();
-        if let Some(t) = self.expires_at {
-            let d = t - now;
-            let s = d.whole_seconds() + i64::from(d.subsec_nanoseconds() > 0);
-            e.ttl_s = Some(s.max(1) as u64);
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Line(n) => write!(f, "line {n}"),
+            At::Entry(n) => write!(f, "entry {n}"),
         }
-        e
     }
+}
+
+/// What entries share: a blocklist of a million addresses has one of these, stored once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Terms {
+    pub ttl_s: Option<u64>,
+    pub permanent: bool,
+    pub reason: Option<String>,
+    pub observe: bool,
+    pub hard: bool,
+}
+
+/// One entry: its address, its terms (an index into [`Outcome::terms`]) and where it came
+/// from. About 48 bytes, so a million-line file costs tens of megabytes, not hundreds.
+#[derive(Clone, Copy, Debug)]
+pub struct Parsed {
+    pub at: At,
+    pub cidr: Cidr,
+    pub terms: u32,
+    /// An absolute expiry (JSON): the TTL is recomputed from it when the entry is sent, so a
+    /// large import does not drift by the time it took.
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub entries: Vec<Parsed>,
+    pub terms: Vec<Terms>,
     /// Lines or entries deliberately left out (nginx directives other than `deny ADDR;`,
     /// expired bans of a JSON export), with why.
     pub skipped: Vec<String>,
+    ids: HashMap<Terms, u32>,
+}
+
+impl Outcome {
+    fn push(&mut self, at: At, cidr: Cidr, terms: Terms, expires_at: Option<OffsetDateTime>) {
+        // Consecutive entries mostly share their terms: found without hashing.
+        let id = match self.entries.last() {
+            Some(p) if self.terms[p.terms as usize] == terms => p.terms,
+            _ => *self.ids.entry(terms).or_insert_with_key(|t| {
+                self.terms.push(t.clone());
+                (self.terms.len() - 1) as u32
+            }),
+        };
+        self.entries.push(Parsed {
+            at,
+            cidr,
+            terms: id,
+            expires_at,
+        });
+    }
+
+    /// The terms of `p` to send `now`: an absolute expiry becomes the TTL left.
+    pub fn terms_at(&self, p: &Parsed, now: OffsetDateTime) -> (&Terms, Option<u64>) {
+        let t = &self.terms[p.terms as usize];
+        let ttl_s = match p.expires_at {
+            Some(when) => {
+                let d = when - now;
+                let s = d.whole_seconds() + i64::from(d.subsec_nanoseconds() > 0);
+                Some(s.max(1) as u64)
+            }
+            None => t.ttl_s,
+        };
+        (t, ttl_s)
+    }
 }
 
 /// The format `--format` names, else the one the text looks like.
@@ -74,14 +125,13 @@ pub fn parse(text: &str, format: Format, d: &Defaults) -> Result<Outcome, Vec<St
     }
 }
 
-fn entry(cidr: Cidr, ttl: Ttl, reason: Option<String>, d: &Defaults) -> ImportEntry {
+fn terms(ttl: Ttl, reason: Option<String>, d: &Defaults) -> Terms {
     let (ttl_s, permanent) = match ttl {
         Ttl::Default => (d.ttl_s, false),
         Ttl::Secs(s) => (Some(s), false),
         Ttl::Permanent => (None, true),
     };
-    ImportEntry {
-        addr: cidr.to_string(),
+    Terms {
         ttl_s,
         permanent,
         reason: reason
@@ -138,12 +188,7 @@ fn lines(text: &str, d: &Defaults) -> Result<Outcome, Vec<String>> {
             l
         };
         match value.parse::<Cidr>() {
-            Ok(c) => out.entries.push(Parsed {
-                at: format!("line {n}"),
-                cidr: c,
-                entry: entry(c, Ttl::Default, None, d),
-                expires_at: None,
-            }),
+            Ok(c) => out.push(At::Line(n), c, terms(Ttl::Default, None, d), None),
             Err(e) => bad.push(format!("line {n}: {e}")),
         }
     }
@@ -238,12 +283,7 @@ fn csv(text: &str, d: &Defaults) -> Result<Outcome, Vec<String>> {
                 }
             },
         };
-        out.entries.push(Parsed {
-            at: format!("line {n}"),
-            cidr,
-            entry: entry(cidr, ttl, f.get(2).cloned(), d),
-            expires_at: None,
-        });
+        out.push(At::Line(n), cidr, terms(ttl, f.get(2).cloned(), d), None);
     }
     if bad.is_empty() { Ok(out) } else { Err(bad) }
 }
@@ -272,7 +312,7 @@ fn json(text: &str, d: &Defaults, now: OffsetDateTime) -> Result<Outcome, Vec<St
     let mut out = Outcome::default();
     let mut bad = Vec::new();
     for (i, v) in items.into_iter().enumerate() {
-        let at = format!("entry {}", i + 1);
+        let at = At::Entry(i + 1);
         let b: JsonBan = match serde_json::from_value(v) {
             Ok(b) => b,
             Err(e) => {
@@ -306,19 +346,10 @@ fn json(text: &str, d: &Defaults, now: OffsetDateTime) -> Result<Outcome, Vec<St
                 Some(when) => (Ttl::Secs(1), Some(when)),
             },
         };
-        let mut e = entry(cidr, ttl, b.reason, d);
-        e.observe = b.mode == Some(crate::model::Mode::Observe);
-        e.hard = b.hard;
-        let p = Parsed {
-            at,
-            cidr,
-            entry: e,
-            expires_at,
-        };
-        out.entries.push(Parsed {
-            entry: p.at_time(now),
-            ..p
-        });
+        let mut t = terms(ttl, b.reason, d);
+        t.observe = b.mode == Some(crate::model::Mode::Observe);
+        t.hard = b.hard;
+        out.push(at, cidr, t, expires_at);
     }
     if bad.is_empty() { Ok(out) } else { Err(bad) }
 }
@@ -338,8 +369,9 @@ mod tests {
     fn lines_with_comments_and_every_bad_line_numbered() {
         let o = lines("# list\n198.51.100.7\n\n203.0.113.0/24 # net\n", &d()).unwrap();
         assert_eq!(o.entries.len(), 2);
-        assert_eq!(o.entries[1].entry.addr, "203.0.113.0/24");
-        assert_eq!(o.entries[0].entry.ttl_s, Some(60));
+        assert_eq!(o.entries[1].cidr.to_string(), "203.0.113.0/24");
+        assert_eq!(o.terms[o.entries[0].terms as usize].ttl_s, Some(60));
+        assert_eq!(o.terms.len(), 1, "one set of terms for both");
         let e = lines("1.2.3.4\nnope\n1.2.3.4/40\n", &d()).unwrap_err();
         assert_eq!(e.len(), 2);
         assert!(
@@ -356,7 +388,7 @@ mod tests {
     fn nginx_deny_lines() {
         let conf = "location / {\n  allow 10.0.0.1;\n  deny 198.51.100.7;\n  deny 2001:db8::/32;\n  deny all;\n}\n";
         let o = lines(conf, &d()).unwrap();
-        let addrs: Vec<&str> = o.entries.iter().map(|e| e.entry.addr.as_str()).collect();
+        let addrs: Vec<String> = o.entries.iter().map(|e| e.cidr.to_string()).collect();
         assert_eq!(addrs, ["198.51.100.7", "2001:db8::/32"]);
         assert_eq!(o.skipped.len(), 4);
         let e = lines("deny 1.2.3.4\ndeny 1.2.3.999;\n", &d()).unwrap_err();
@@ -373,7 +405,11 @@ mod tests {
             &d(),
         )
         .unwrap();
-        let e: Vec<_> = o.entries.iter().map(|p| &p.entry).collect();
+        let e: Vec<_> = o
+            .entries
+            .iter()
+            .map(|p| &o.terms[p.terms as usize])
+            .collect();
         assert_eq!(
             (e[0].ttl_s, e[0].reason.as_deref()),
             (Some(3600), Some("flood"))
@@ -408,10 +444,10 @@ mod tests {
         );
         let o = json(&text, &d(), now).unwrap();
         assert_eq!(o.entries.len(), 2);
-        let a = &o.entries[0].entry;
-        assert_eq!(a.addr, "198.51.100.0/24");
-        assert!(a.observe && a.hard && (599..=600).contains(&a.ttl_s.unwrap()));
-        assert!(o.entries[1].entry.permanent);
+        let (a, ttl_s) = o.terms_at(&o.entries[0], now);
+        assert_eq!(o.entries[0].cidr.to_string(), "198.51.100.0/24");
+        assert!(a.observe && a.hard && (599..=600).contains(&ttl_s.unwrap()));
+        assert!(o.terms_at(&o.entries[1], now).0.permanent);
         assert_eq!(o.skipped.len(), 1);
         let e = json(r#"[{"addr":"x"},{"nope":1}]"#, &d(), now).unwrap_err();
         assert!(
