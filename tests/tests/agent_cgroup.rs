@@ -23,8 +23,9 @@
 //! fails, as it did under the former 512Mi limit after 680,000 bans) or OOM-kills a process;
 //! either fails the test.
 //!
-//! With the debug build on 2 cores this takes about 100 s (1M bans imported, listed, saved and
-//! restored); it peaked at 509 MiB without page cache under the 704Mi limit.
+//! With the debug build on 2 cores this takes about 60 s (1M bans imported, listed, saved and
+//! restored); it peaked at 351 MiB without page cache under the 448Mi limit (page cache is
+//! reclaimed at the limit, so `memory.failcnt` counts up without harm).
 
 use anyhow::{Context as _, Result, ensure};
 use serde::Deserialize;
