@@ -6,6 +6,7 @@
 //! (fail-static) unless `--detach-on-exit`.
 
 mod backend;
+mod batch;
 mod kernel;
 mod lapi;
 mod logs;

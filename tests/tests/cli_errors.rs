@@ -231,5 +231,15 @@ fn a_non_root_user_cannot_change_anything() -> Result<()> {
         !audit.contains("65534"),
         "refused requests are not audited as done: {audit}"
     );
+    // An import is audited with every address it applied.
+    let two = s.write("two.txt", "198.19.0.9\nfd00:5f::9\n")?;
+    ensure!(s.cli(&["import", two.to_str().unwrap()])?.code == 0);
+    let audit = std::fs::read_to_string(&audit_log)?;
+    let last: Value = serde_json::from_str(audit.lines().last().context("empty audit log")?)?;
+    ensure!(
+        last["verb"] == "import"
+            && last["addrs"] == serde_json::json!(["198.19.0.9", "fd00:5f::9"]),
+        "the import is audited with its addresses: {audit}"
+    );
     Ok(())
 }

@@ -1,11 +1,6 @@
 //! The API's view of the agent: every `Backend` method, in PRODUCT.md's JSON shapes.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, sync::atomic::Ordering, time::Duration};
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tracing::{info, warn};
@@ -16,14 +11,13 @@ use wsguard_common::{
 
 use super::{
     kernel::{self, Clocks},
-    shared::{Agent, BanError},
+    shared::Agent,
 };
 use crate::{
     addr::Cidr,
     api::*,
-    datapath::{DataPathError, WriteStats},
     model::{AllowEntry, Ban, BanSource},
-    policy::{AllowError, BanRequest, Change, Refusal, RefuseReason, Ttl},
+    policy::{AllowError, BanRequest, RefuseReason, Ttl},
 };
 
 /// How old the drop counters of a listing's later pages may be: a 1M-ban list takes seconds,
@@ -92,95 +86,6 @@ fn ttl(ttl_s: Option<u64>, permanent: bool) -> Result<Ttl, String> {
 }
 
 impl Agent {
-    /// Apply a batch of API bans: every request is checked first and a refused batch changes
-    /// nothing. The policy decides them all, then the kernel takes them in one batched write
-    /// (host bans thousands per syscall); a ban the kernel did not take is rolled back so the
-    /// policy never claims a ban that is not enforced.
-    /// `refused` words the error of a refused batch.
-    fn ban_batch(
-        &self,
-        reqs: Vec<BanRequest>,
-        refused: impl FnOnce(Vec<(usize, Refusal)>) -> ApiError,
-    ) -> Result<(Vec<Ban>, WriteStats), ApiError> {
-        let c = Clocks::now();
-        let mut g = self.lock();
-        if let Err(bad) = g.policy.preflight(&reqs) {
-            return Err(refused(bad));
-        }
-        let mut applied = Vec::with_capacity(reqs.len());
-        let mut err = None;
-        for r in reqs {
-            match g.policy.ban(r, c.wall) {
-                Ok(a) => applied.push(a),
-                // The preflight makes this unreachable short of a bug; apply what was decided.
-                Err(r) => {
-                    err = Some(ApiError::refused(r.to_string()));
-                    break;
-                }
-            }
-        }
-        let (writes, fresh): (Vec<_>, Vec<_>) = applied
-            .iter()
-            .filter(|a| a.change != Change::Unchanged)
-            .map(|a| {
-                (
-                    (a.ban.cidr, kernel::ban_value(&a.ban, &c)),
-                    a.change == Change::Created,
-                )
-            })
-            .unzip();
-        // A ban the policy just created has no entry in the maps: the policy holds every ban
-        // the maps do (adopted at start, rolled back when a write fails).
-        let stats = match g.dp.put_bans_hinted(&writes, |i| fresh[i]) {
-            Ok(stats) => stats,
-            Err(e) => {
-                let unwritten: HashSet<Cidr> = e.unwritten.iter().copied().collect();
-                let created: HashSet<Cidr> = applied
-                    .iter()
-                    .filter(|a| a.change == Change::Created)
-                    .map(|a| a.ban.cidr)
-                    .collect();
-                for cidr in unwritten.intersection(&created) {
-                    g.policy.unban(cidr);
-                }
-                applied.retain(|a| !unwritten.contains(&a.ban.cidr));
-                let first = e.unwritten.first().copied();
-                err = Some(match (e.err, first) {
-                    (DataPathError::Full { .. }, Some(cidr)) => {
-                        g.policy.count_refused(RefuseReason::Full);
-                        let max = u64::from(g.dp.ban_capacity());
-                        ApiError::refused(Refusal::Full { cidr, max }.to_string())
-                    }
-                    (err, Some(cidr)) => {
-                        ApiError::internal(BanError::Kernel { cidr, err }.to_string())
-                    }
-                    (err, None) => ApiError::internal(err.to_string()),
-                });
-                e.stats
-            }
-        };
-        // After the ban maps: a flow cut for a hard ban must find the ban in force.
-        super::proxy::cut_hard(
-            &mut g,
-            applied
-                .iter()
-                .filter(|a| a.change != Change::Unchanged)
-                .map(|a| &a.ban),
-        );
-        drop(g);
-        self.mark_dirty();
-        self.lapi_publish(
-            applied
-                .iter()
-                .filter(|a| a.change != Change::Unchanged)
-                .map(|a| &a.ban),
-        );
-        match err {
-            Some(e) => Err(e),
-            None => Ok((applied.into_iter().map(|a| a.ban).collect(), stats)),
-        }
-    }
-
     fn remove(
         &self,
         addrs: &[String],

@@ -35,6 +35,10 @@ use crate::addr::Cidr;
 /// syscall cost vanishes, small enough that a chunk's buffers stay well under a megabyte.
 const CHUNK: usize = 8192;
 
+/// The clients of the live flows at one moment: a ban covering one may preserve its flow
+/// ([`DataPath::live_flows`]).
+pub struct LiveFlows(super::preserve::FlowClients);
+
 /// What a write of many bans did (for the import log line and the tests that read it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteStats {
@@ -42,6 +46,13 @@ pub struct WriteStats {
     pub entries: u64,
     /// Syscalls that wrote them: one per chunk of host bans, one per network ban.
     pub writes: u64,
+}
+
+impl std::ops::AddAssign for WriteStats {
+    fn add_assign(&mut self, o: Self) {
+        self.entries += o.entries;
+        self.writes += o.writes;
+    }
 }
 
 /// A write of many bans that stopped part way: everything but `unwritten` reached the kernel.
@@ -71,6 +82,28 @@ impl DataPath {
         bans: &[(Cidr, BanValue)],
         fresh: impl Fn(usize) -> bool,
     ) -> Result<WriteStats, PutBansError> {
+        let flows = self.live_flows().map_err(|err| PutBansError {
+            unwritten: bans.iter().map(|(c, _)| *c).collect(),
+            err,
+            stats: WriteStats::default(),
+        })?;
+        self.put_bans_with(bans, fresh, &flows)
+    }
+
+    /// The clients of the live flows, read once for several [`DataPath::put_bans_with`]:
+    /// one walk of the flow table, however many writes.
+    pub fn live_flows(&self) -> Result<LiveFlows, DataPathError> {
+        super::preserve::FlowClients::read(&self.maps, super::preserve::Keep::Live).map(LiveFlows)
+    }
+
+    /// [`DataPath::put_bans_hinted`] with the live flows already read.
+    pub fn put_bans_with(
+        &mut self,
+        bans: &[(Cidr, BanValue)],
+        fresh: impl Fn(usize) -> bool,
+        flows: &LiveFlows,
+    ) -> Result<WriteStats, PutBansError> {
+        let flows = &flows.0;
         // Last one wins, as sequential puts would; keep the first-seen order otherwise.
         let mut seen = HashSet::with_capacity(bans.len());
         let mut last: Vec<(Cidr, BanValue, bool)> = bans
@@ -83,18 +116,6 @@ impl DataPath {
         drop(seen);
         last.reverse();
         let (mut v4, mut v6, mut nets) = (Vec::new(), Vec::new(), Vec::new());
-        let flows =
-            match super::preserve::FlowClients::read(&self.maps, super::preserve::Keep::Live) {
-                Ok(f) => f,
-                Err(err) => {
-                    let unwritten = last.iter().map(|(c, _, _)| *c).collect();
-                    return Err(PutBansError {
-                        unwritten,
-                        err,
-                        stats: WriteStats::default(),
-                    });
-                }
-            };
         for (c, v, fresh) in last {
             let v = flows.flagged(&c, &self.allows.flagged(&c, &v));
             match (c.addr(), c.is_host()) {
@@ -263,7 +284,43 @@ fn existing<const N: usize>(
 }
 
 /// Write `hosts` in chunks; on an error, the networks not written and why.
+/// [`write_serial`] in two halves at once when the batch is large (the kernel's hash maps lock
+/// per bucket, so two writers run side by side); serial under the test hook, whose kill point
+/// counts writes in order.
 fn write_hosts<const N: usize>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    hosts: &[Host<N>],
+    old: &HashMap<[u8; N], u64>,
+    capacity: u32,
+    stats: &mut WriteStats,
+    added: &mut u64,
+) -> Result<(), (Vec<Cidr>, DataPathError)> {
+    if hosts.len() < 2 * PARALLEL_MIN || KILL_LEFT.is_some() {
+        return write_serial(fd, hosts, old, capacity, stats, added);
+    }
+    let (a, b) = hosts.split_at(hosts.len() / 2);
+    let (mut sb, mut addb) = (WriteStats::default(), 0);
+    let (ra, rb) = std::thread::scope(|s| {
+        let hb = s.spawn(|| write_serial(fd, b, old, capacity, &mut sb, &mut addb));
+        let ra = write_serial(fd, a, old, capacity, stats, added);
+        (ra, hb.join().expect("the ban writer panicked"))
+    });
+    *stats += sb;
+    *added += addb;
+    match (ra, rb) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err((mut ua, e)), Err((ub, _))) => {
+            ua.extend(ub);
+            Err((ua, e))
+        }
+    }
+}
+
+/// Below this many entries a second writer costs more than it saves.
+const PARALLEL_MIN: usize = 1024;
+
+fn write_serial<const N: usize>(
     fd: std::os::fd::BorrowedFd<'_>,
     hosts: &[Host<N>],
     old: &HashMap<[u8; N], u64>,

@@ -53,7 +53,7 @@ use wsguard_common::maps::{BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, 
 
 use crate::{addr::Cidr, api::InterfaceJson};
 
-pub use batch::{PutBansError, WriteStats};
+pub use batch::{LiveFlows, PutBansError, WriteStats};
 pub use loader::build_id;
 pub use pins::Layout;
 pub use proxy::{ProxyCounters, ProxyHeaderCounts, ProxySender, real_client};

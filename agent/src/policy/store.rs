@@ -244,7 +244,7 @@ impl Store {
     /// Repack the tree once a good part of it was inserted since the last time, so the cost
     /// is a constant per insert and the nodes stay full.
     pub fn settle(&mut self) {
-        if self.inserted < 4096 || self.inserted * 4 < self.map.len() {
+        if self.inserted < 4096 || self.inserted * 2 < self.map.len() {
             return;
         }
         self.inserted = 0;

@@ -289,7 +289,13 @@ async fn import(
     req: Result<Json<ImportRequest>, JsonRejection>,
 ) -> Reply<ImportResponse> {
     let req = body(req)?;
-    let addrs: Vec<String> = req.entries.iter().map(|e| e.addr.clone()).collect();
+    let addrs: Vec<String> = req
+        .entries
+        .iter()
+        .map(|e| &e.addr)
+        .chain(req.groups.iter().flat_map(|g| &g.addrs))
+        .cloned()
+        .collect();
     mutate(
         &ctx,
         peer,

@@ -316,3 +316,61 @@ fn observe_mode_global_and_per_ban_drops_nothing() -> Result<()> {
     ensure!(s.pings(b2)? == 0, "now enforced");
     Ok(())
 }
+
+/// A batch the kernel stops taking part way (its map fills before the agent's count says so:
+/// entries the agent did not write are in it) is decided and written in a pipeline of chunks;
+/// everything the kernel did not take, in the failed chunk and in those decided after it, is
+/// rolled back, so the API lists exactly the bans in force.
+#[test]
+fn a_kernel_refusal_mid_batch_rolls_back_what_it_did_not_take() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use std::net::Ipv6Addr;
+    use wsguard_common::maps::{BanValue, names};
+
+    let s = AgentLab::new()?;
+    let _agent = s.start(&["--max-bans", "3000"])?;
+    let pin = s.pin_dir().join("maps").join(names::BANS_V6);
+    let mut v6: HashMap<_, [u8; 16], BanValue> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+    // 2,000 entries behind the agent's back: the kernel map has room for 1,000 more.
+    for i in 0..2000u16 {
+        let k = Ipv6Addr::new(0xfd00, 0x5e, 0, 0, 0, 0, 0, i).octets();
+        v6.insert(k, BanValue::default(), 0)?;
+    }
+    let addrs: Vec<String> = (0..2000u16)
+        .map(|i| Ipv6Addr::new(0xfd00, 0x5d, 0, 0, 0, 0, 0, i).to_string())
+        .collect();
+    let r = s.api(
+        "POST",
+        "/v1/import",
+        Some(json!({"groups": [{"ttl_s": 3600, "reason": "t", "addrs": addrs}]})),
+    )?;
+    ensure!(
+        r.status == 409 && r.text().contains("full"),
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    let listed: std::collections::BTreeSet<String> = s
+        .get("/v1/bans?limit=10000")?
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let ours: std::collections::BTreeSet<String> = v6
+        .keys()
+        .filter_map(|k| k.ok())
+        .map(Ipv6Addr::from)
+        .filter(|a| a.segments()[1] == 0x5d)
+        .map(|a| a.to_string())
+        .collect();
+    ensure!(
+        ours.len() == 1000,
+        "the kernel took what it had room for: {}",
+        ours.len()
+    );
+    ensure!(listed == ours, "the API lists exactly the bans in force");
+    Ok(())
+}
