@@ -87,9 +87,17 @@ fn nightly_rust_src(report: &mut Report) -> Result<()> {
             .as_deref()
             .is_some_and(|l| l.lines().any(|x| x.starts_with(c)))
     };
-    if has("rust-src") && has("clippy") {
+    if has("rust-src") && has("clippy") && has("rustc") {
         println!("ok: {nightly} toolchain with rust-src and clippy");
         return Ok(());
+    }
+    if has("rust-src") && !has("rustc") {
+        // Seen after two installs raced: rustup then calls the toolchain unchanged and never
+        // puts rustc back.
+        bail!(
+            "the {nightly} toolchain is broken (components listed, rustc missing): remove it with \
+             `rm -rf ~/.rustup/toolchains/{nightly}-*` and run `cargo xtask` again"
+        );
     }
     println!(
         "missing: the {nightly} toolchain with rust-src and clippy (builds and lints the kernel \
