@@ -24,7 +24,7 @@
 //! either fails the test.
 //!
 //! With the debug build on 2 cores this takes about 60 s (1M bans imported, listed, saved and
-//! restored); it peaked at 351 MiB without page cache under the 448Mi limit (page cache is
+//! restored); it peaked at 365 MiB without page cache under the 480Mi limit (page cache is
 //! reclaimed at the limit, so `memory.failcnt` counts up without harm).
 
 use anyhow::{Context as _, Result, ensure};
