@@ -46,7 +46,7 @@ use wsguard_tests::{
 };
 
 mod cli_support;
-use cli_support::{Run, Setup, run};
+use cli_support::{Run, Setup, run, wait_full_start};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -165,16 +165,7 @@ impl Pod<'_> {
             "the agent (pid {pid}) is in memory cgroup {group}, not {}",
             self.cg.path().display()
         );
-        a.wait_log(" ready", 1, Duration::from_secs(600))?;
-        let end = Instant::now() + Duration::from_secs(60);
-        while self.cli(&["status"])?.code != 0 {
-            ensure!(
-                Instant::now() < end,
-                "API never answered:\n{}",
-                a.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_full_start(&mut a, || Ok(self.cli(&["status"])?.code == 0))?;
         Ok(a)
     }
 

@@ -165,16 +165,7 @@ fn start_again(s: &Setup, run: &str, max: &str) -> Result<Agent> {
     ];
     let log = s.dir.path().join(format!("agent-a-{run}.log"));
     let mut a = Agent::start(&s.lab.a, &log, &args)?;
-    a.wait_log(" ready", 1, Duration::from_secs(600))?;
-    let end = Instant::now() + Duration::from_secs(60);
-    while s.cli(&["status"])?.code != 0 {
-        ensure!(
-            Instant::now() < end,
-            "API never answered:\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_full_start(&mut a, || Ok(s.cli(&["status"])?.code == 0))?;
     Ok(a)
 }
 

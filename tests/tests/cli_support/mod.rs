@@ -152,6 +152,22 @@ impl Setup {
 
 /// Run with a deadline, output into files: a 100k-line export would fill a pipe that nobody
 /// reads until the process exits.
+/// After a start with a full ban map: "ready" in the log (adopting or restoring 1M bans takes a
+/// while), then `status` answering (`status()` runs it, true once it exits 0).
+pub fn wait_full_start(a: &mut Agent, status: impl Fn() -> Result<bool>) -> Result<()> {
+    a.wait_log(" ready", 1, Duration::from_secs(600))?;
+    let end = Instant::now() + Duration::from_secs(60);
+    while !status()? {
+        ensure!(
+            Instant::now() < end,
+            "API never answered:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 pub fn run(c: &mut Command, dir: &Path) -> Result<Run> {
     let tag = wsguard_tests::netns::unique();
     let (o, e) = (
