@@ -338,8 +338,8 @@ impl DataPath {
             })
     }
 
-    /// The drop counter of each of `cidrs` (0 where absent), one lookup each: a page of a
-    /// large list costs its own size, not a walk of every map.
+    /// The drop counter of each of `cidrs` (0 where absent), one lookup each: the answer to a
+    /// `ban add` of a few bans costs their own lookups, not a walk of every map.
     pub fn drops_of(&self, cidrs: &[Cidr]) -> Result<Vec<u64>, DataPathError> {
         cidrs
             .iter()
