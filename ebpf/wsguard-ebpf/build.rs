@@ -6,8 +6,6 @@ fn main() {
     if let Ok(linker) = which("bpf-linker") {
         println!("cargo:rerun-if-changed={}", linker.display());
     }
-    // 32-bit ALU ops, which also enable BPF's atomic fetch-and-add (kernel 5.12+): the rate
-    // tracker needs the value an atomic add returned to emit exactly one burst per window.
-    // (rustc already passes `--cpu`, so the feature is added on its own.)
-    println!("cargo:rustc-link-arg-bins=--cpu-features=+alu32");
+    // The BPF CPU (v3, with its 32-bit ALU ops and atomic fetch-and-add) comes from
+    // `-C target-cpu` in agent/build.rs, which builds this crate.
 }

@@ -33,15 +33,24 @@ impl DataPlane {
     }
 
     /// [`DataPlane::load`] with the named maps created with `max_entries` each (the benchmark
-    /// sizes its reference map like the ban maps).
+    /// sizes its reference map like the ban maps). `WSGUARD_BENCH_OBJECT=PATH` loads that
+    /// object instead of the embedded one: another build of the kernel crate, measured without
+    /// rebuilding the bench.
     pub fn load_sized(ports: &[u16], max_entries: &[(&str, u32)]) -> Result<Self> {
         let mut loader = aya::EbpfLoader::new();
         for (name, n) in max_entries {
             loader.map_max_entries(name, *n);
         }
+        let other = match std::env::var_os("WSGUARD_BENCH_OBJECT") {
+            Some(path) => Some(
+                std::fs::read(&path)
+                    .with_context(|| format!("WSGUARD_BENCH_OBJECT={}", path.display()))?,
+            ),
+            None => None,
+        };
         let ebpf = loader
-            .load(wsguard::bpf::OBJECT)
-            .context("load the embedded object")?;
+            .load(other.as_deref().unwrap_or(wsguard::bpf::OBJECT))
+            .context("load the object")?;
         Self::with_programs(ebpf, ports)
     }
 

@@ -314,21 +314,13 @@ fn main() -> Result<()> {
     let c = cases::decomposition();
     let parts = own_rows(&c, &b.measure(&c)?, "1M exact bans");
 
-    eprintln!("wsguard's own paths, 1M exact bans");
-    let mut own = Vec::new();
-    let mut c = cases::own_exact();
-    c.push(cases::own_proxied_cut());
-    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact bans"));
-    eprintln!("filling the CIDR trie with 10k prefixes");
-    b.fill_cidrs(10_000)?;
-    let c = cases::own_cidr();
-    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact + 10k CIDR bans"));
-    // Last, as it empties the pre-filter.
-    b.dp.clear_filter()?;
-    let c = cases::own_no_filter();
-    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact + 10k CIDR bans"));
-    eprintln!("handshake path");
-    let handshakes = b.handshakes()?;
+    // A quicker loop while tuning the kernel crate: the comparison and the split only.
+    let quick = std::env::var_os("WSGUARD_BENCH_QUICK").is_some();
+    let (own, handshakes) = if quick {
+        (Vec::new(), Vec::new())
+    } else {
+        own_and_handshakes(&mut b)?
+    };
 
     println!(
         "\n{}; pinned to CPU {cpu}; {REPEAT} runs per BPF_PROG_TEST_RUN call, {ROUNDS} \
@@ -377,4 +369,24 @@ fn main() -> Result<()> {
         &handshakes,
     );
     Ok(())
+}
+
+/// wsguard's own paths (no peer has them) and the handshake path.
+fn own_and_handshakes(b: &mut Bench) -> Result<(Vec<OwnRow>, Vec<OwnRow>)> {
+    eprintln!("wsguard's own paths, 1M exact bans");
+    let mut own = Vec::new();
+    let mut c = cases::own_exact();
+    c.push(cases::own_proxied_cut());
+    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact bans"));
+    eprintln!("filling the CIDR trie with 10k prefixes");
+    b.fill_cidrs(10_000)?;
+    let c = cases::own_cidr();
+    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact + 10k CIDR bans"));
+    // Last, as it empties the pre-filter.
+    b.dp.clear_filter()?;
+    let c = cases::own_no_filter();
+    own.extend(own_rows(&c, &b.measure(&c)?, "1M exact + 10k CIDR bans"));
+    eprintln!("handshake path");
+    let handshakes = b.handshakes()?;
+    Ok((own, handshakes))
 }

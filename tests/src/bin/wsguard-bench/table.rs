@@ -126,7 +126,11 @@ pub struct OwnRow {
     pub stat: Stat,
 }
 
+/// A table of one program per row; nothing for no rows (a part the run skipped).
 pub fn print_own(title: &str, rows: &[OwnRow]) {
+    if rows.is_empty() {
+        return;
+    }
     println!("\n{title}\n");
     println!("| path | program | floor ns | ns | work over floor ns | × floor |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
