@@ -7,13 +7,19 @@
 //! jumps, so every narrow comparison becomes a widen-and-mask sequence; v3 (kernel 5.1+, below
 //! the 6.6 TCX needs) has them and 32-bit ALU ops, which also give BPF's atomic fetch-and-add
 //! that the rate tracker's one-burst-per-window rule relies on. On this code, v3 is about a
-//! quarter fewer instructions and 2-3 ns less per packet (`cargo xtask bench`).
+//! quarter fewer instructions and 2-3 ns less per packet (`cargo xtask bench`). And LLVM may
+//! read a header field or an address at any alignment with one load instead of byte by byte:
+//! the verifier allows misaligned packet and map-value access where the CPU does it cheaply
+//! (x86-64, arm64: `CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`); on others it would refuse the
+//! program at load, loudly.
 use anyhow::{Context as _, Result, bail};
 use std::{env, fs, path::PathBuf, process::Command};
 
 /// The BPF instruction set the kernel crate is compiled for (`-C target-cpu`, which rustc hands
 /// to bpf-linker as `--cpu`).
 const BPF_CPU: &str = "v3";
+/// Handed to bpf-linker directly (rustc calls this LLVM 22 feature unstable and warns).
+const BPF_FEATURES: &str = "+allows-misaligned-mem-access";
 const CRATE: &str = "wsguard-ebpf";
 const ROOT: &str = "../ebpf/wsguard-ebpf";
 
@@ -46,6 +52,7 @@ fn main() -> Result<()> {
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
         format!("-Ctarget-cpu={BPF_CPU}"),
+        format!("-Clink-arg=--cpu-features={BPF_FEATURES}"),
     ]
     .join("\x1f");
     // Apart from OUT_DIR's artifacts, and from the outer build's lock.

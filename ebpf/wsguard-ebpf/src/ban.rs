@@ -325,7 +325,7 @@ fn allowlisted(l3: &L3) -> bool {
 /// new flow. A ban without `BAN_MAY_PRESERVE` covers no such flow: no lookup.
 #[inline(always)]
 fn preserved(ctx: &XdpContext, l3: &L3, created_ns: u64, flags: u32) -> bool {
-    if flags & BAN_MAY_PRESERVE == 0 || l3.proto != Some(IPPROTO_TCP) {
+    if flags & BAN_MAY_PRESERVE == 0 || l3.proto != IPPROTO_TCP {
         return false;
     }
     let Ok(tcp) = parse_tcp(ctx, l3) else {

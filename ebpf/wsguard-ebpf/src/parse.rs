@@ -102,8 +102,11 @@ pub struct L3 {
     pub l3_off: usize,
     pub src: *const u8,
     pub dst: *const u8,
-    /// Upper-layer protocol, or `None` for a non-first fragment (no L4 header to see).
-    pub proto: Option<u8>,
+    /// Upper-layer protocol; [`PROTO_NONE`] for a non-first fragment (no L4 header to see),
+    /// [`PROTO_MALFORMED`] when the IP lengths are bad. A plain byte, not an `Option`: LLVM
+    /// leaves the payload of a `None` undefined, and the verifier refuses a spilled register
+    /// that was never written.
+    pub proto: u8,
     pub l4_off: usize,
     /// End of the IP payload (offset from the packet start), from the IP length fields.
     pub l4_end: usize,
@@ -127,7 +130,7 @@ impl L3 {
     /// store per field on every packet, the clean ones included; scalars stay in registers.
     #[inline(always)]
     pub fn pack(&self) -> (u64, u64) {
-        let proto = self.proto.map_or(0, |p| 0x100 | u64::from(p));
+        let proto = u64::from(self.proto);
         (
             self.l3_off as u64 | u64::from(self.v6) << 16 | proto << 24,
             self.l4_off as u64 | (self.l4_end as u64) << 32,
@@ -139,7 +142,7 @@ impl L3 {
     pub fn unpack(ctx: &impl Packet, a: u64, b: u64) -> Result<L3, Unparsed> {
         let l3_off = (a & 0xffff) as usize;
         let v6 = (a >> 16) & 1 != 0;
-        let proto = (a >> 24) & 0x1ff;
+        let proto = (a >> 24) as u8;
         // Source and destination are contiguous in both headers.
         let src = if v6 {
             ptr_at::<[u8; 32]>(ctx, l3_off + 8)? as *const u8
@@ -152,11 +155,7 @@ impl L3 {
             src,
             // SAFETY: inside the bytes ptr_at checked.
             dst: unsafe { src.add(if v6 { 16 } else { 4 }) },
-            proto: if proto & 0x100 != 0 {
-                Some(proto as u8)
-            } else {
-                None
-            },
+            proto,
             l4_off: (b & 0xffff_ffff) as usize,
             l4_end: (b >> 32) as usize,
         })
@@ -209,14 +208,14 @@ fn parse_v4(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
         src: h[12..16].as_ptr(),
         dst: h[16..20].as_ptr(),
         // Fragment offset != 0: a later fragment, no transport header in it.
-        proto: if frag & 0x1fff != 0 { None } else { Some(h[9]) },
+        proto: if frag & 0x1fff != 0 { PROTO_NONE } else { h[9] },
         l4_off: off + ihl,
         l4_end: off + tot_len,
     };
     if tot_len < ihl || l3.l4_end > len {
         // The source address is valid (the caller still checks bans), the rest is not.
         return Ok(L3 {
-            proto: Some(PROTO_MALFORMED),
+            proto: PROTO_MALFORMED,
             l4_end: l3.l4_off,
             ..l3
         });
@@ -240,12 +239,12 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
         l3_off: off,
         src: h[8..24].as_ptr(),
         dst: h[24..40].as_ptr(),
-        proto: None,
+        proto: PROTO_NONE,
         l4_off,
         l4_end: l4_off + payload_len,
     };
     if l3.l4_end > len {
-        l3.proto = Some(PROTO_MALFORMED);
+        l3.proto = PROTO_MALFORMED;
         return Ok(l3);
     }
     let mut walked = 0;
@@ -253,7 +252,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let Ok(h) = read::<[u8; 2]>(ctx, l4_off) else {
-                    l3.proto = Some(PROTO_MALFORMED);
+                    l3.proto = PROTO_MALFORMED;
                     return Ok(l3);
                 };
                 next = h[0];
@@ -261,7 +260,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
             }
             NEXTHDR_AUTH => {
                 let Ok(h) = read::<[u8; 2]>(ctx, l4_off) else {
-                    l3.proto = Some(PROTO_MALFORMED);
+                    l3.proto = PROTO_MALFORMED;
                     return Ok(l3);
                 };
                 next = h[0];
@@ -269,7 +268,7 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
             }
             NEXTHDR_FRAGMENT => {
                 let Ok(h) = read::<[u8; 4]>(ctx, l4_off) else {
-                    l3.proto = Some(PROTO_MALFORMED);
+                    l3.proto = PROTO_MALFORMED;
                     return Ok(l3);
                 };
                 if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
@@ -286,11 +285,11 @@ fn parse_v6(ctx: &impl Packet, off: usize, len: usize) -> Result<L3, Unparsed> {
     }
     if is_ext_header(next) || l4_off > l3.l4_end {
         // Chain longer than the walk budget, or past the end: the L4 header is not ours to see.
-        l3.proto = Some(PROTO_MALFORMED);
+        l3.proto = PROTO_MALFORMED;
         return Ok(l3);
     }
     l3.l4_off = l4_off;
-    l3.proto = Some(next);
+    l3.proto = next;
     Ok(l3)
 }
 
@@ -316,8 +315,12 @@ pub struct Tcp {
     pub payload_len: usize,
 }
 
-/// `l3.proto == Some(0xff)` marks an L3 whose own lengths were bad; that is unparsed too.
+/// `l3.proto` of an L3 whose own lengths were bad; that is unparsed too. (A real protocol 255,
+/// "reserved", is taken for it.)
 pub const PROTO_MALFORMED: u8 = 0xff;
+/// `l3.proto` of a packet without a transport header to see: a non-first fragment. (A real
+/// protocol 254, for experiments, passes the same way: neither has a TCP header.)
+pub const PROTO_NONE: u8 = 0xfe;
 
 #[inline(always)]
 pub fn parse_tcp(ctx: &impl Packet, l3: &L3) -> Result<Tcp, Unparsed> {

@@ -41,7 +41,7 @@ pub fn wsguard_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     let l3 = parse_l3(ctx, ctx.len() as usize).map_err(|_| ())?;
-    if l3.proto != Some(IPPROTO_TCP) {
+    if l3.proto != IPPROTO_TCP {
         return Ok(());
     }
     let tcp = parse_tcp(ctx, &l3).map_err(|_| ())?;

@@ -56,10 +56,8 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             c => action = c as u32,
         }
     }
-    let Some(proto) = l3.proto else {
-        count_at(action);
-        return Ok(XDP_PASS);
-    };
+    // A non-first fragment (PROTO_NONE) passes like any other transport but TCP.
+    let proto = l3.proto;
     if proto == PROTO_MALFORMED {
         count(Counter::Unparsed);
         return Ok(XDP_PASS);
