@@ -1,5 +1,6 @@
 //! The agent's side of the kernel's fast paths, against the real kernel: the ban pre-filter
-//! (`BAN_FILTER`) it fills and keeps in step with the bans, and the `BAN_NOT_ALLOWLISTED`
+//! (`BAN_FILTER`) and the host filter (`HOST_FILTER`) it fills and keeps in step with the bans,
+//! and the `BAN_NOT_ALLOWLISTED`
 //! flag it sets on bans no allowlist entry overlaps. What the kernel holds is read from the
 //! pinned maps, and traffic from the client namespace proves the verdicts.
 
@@ -87,6 +88,26 @@ fn zero_bits(o: &DataPathOptions, v6: bool) -> Result<u64> {
     Ok(zeros)
 }
 
+fn host_map(o: &DataPathOptions) -> Result<Array<MapData, u64>> {
+    Ok(Array::try_from(pinned(o, "HOST_FILTER")?)?)
+}
+
+/// The kernel's host-filter bit of `ip`: set = "no exact ban has its low 24 bits".
+fn host_clean_in_kernel(o: &DataPathOptions, ip: Ipv4Addr) -> Result<bool> {
+    let (word, mask) = filter::host_slot(filter::host_bit(ip.octets()));
+    Ok(host_map(o)?.get(&word, 0)? & mask != 0)
+}
+
+/// Clear bits of the kernel's host filter.
+fn zero_host_bits(o: &DataPathOptions) -> Result<u64> {
+    let a = host_map(o)?;
+    let mut zeros = 0;
+    for i in 0..filter::HOST_FILTER_WORDS {
+        zeros += u64::from(a.get(&i, 0)?.count_zeros());
+    }
+    Ok(zeros)
+}
+
 fn v4_flags(o: &DataPathOptions, ip: Ipv4Addr) -> Result<u32> {
     let m: HashMap<_, [u8; 4], BanValue> = HashMap::try_from(pinned(o, "BANS_V4")?)?;
     Ok(m.get(&ip.octets(), 0)?.flags)
@@ -110,10 +131,17 @@ fn filled_filter_keeps_bans_dropping_and_clean_buckets_passing() -> Result<()> {
     // Filled at open: with no ban, every bucket of both families is proven clean.
     ensure!(zero_bits(&o, false)? == 0, "IPv4 buckets left unfilled");
     ensure!(zero_bits(&o, true)? == 0, "IPv6 buckets left unfilled");
+    ensure!(zero_host_bits(&o)? == 0, "host filter left unfilled");
 
     let other = Ipv4Addr::new(198, 18, 0, 77);
     dp.put_ban(&host(lab.ip_b), &ban())?;
     dp.put_ban(&host(other), &ban())?;
+    ensure!(
+        zero_host_bits(&o)? == 2
+            && !host_clean_in_kernel(&o, lab.ip_b)?
+            && host_clean_in_kernel(&o, lab.ip_b2)?,
+        "the host filter does not have exactly the two bans' bits clear"
+    );
     ensure!(
         !clean_in_kernel(&o, lab.ip_b.into())?,
         "the banned bucket is marked clean"
@@ -154,6 +182,7 @@ fn filled_filter_keeps_bans_dropping_and_clean_buckets_passing() -> Result<()> {
         "not set again after the last ban in the bucket went"
     );
     ensure!(zero_bits(&o, false)? == 0);
+    ensure!(zero_host_bits(&o)? == 0, "host bits not set again");
 
     // A wide IPv4 ban clears every /24 it covers, and its removal sets them all again.
     dp.put_ban(&cidr("198.18.0.0/23"), &ban())?;
@@ -269,6 +298,7 @@ fn open_repairs_flags_and_refills_the_filter_across_adopt_and_migration() -> Res
         zero_bits(&o, false)? == 6,
         "five /24s of the batch and the lab's"
     );
+    ensure!(zero_host_bits(&o)? == 1001, "one host bit per exact ban");
     ensure!(v4_flags(&o, Ipv4Addr::new(198, 19, 4, 200))? & BAN_NOT_ALLOWLISTED != 0);
     drop(dp);
 
@@ -277,7 +307,18 @@ fn open_repairs_flags_and_refills_the_filter_across_adopt_and_migration() -> Res
     allow.insert(&Key::new(32, lab.ip_b.octets()), 1, 0)?;
     let mut f = filter_map(&o)?;
     f.set(0, 0, 0)?;
+    let banned = Ipv4Addr::new(198, 19, 2, 7);
+    let mut h = host_map(&o)?;
+    h.set(
+        filter::host_slot(filter::host_bit(banned.octets())).0,
+        u64::MAX,
+        0,
+    )?;
     let dp = open(&lab, &o, OpenHooks::default())?;
+    ensure!(
+        zero_host_bits(&o)? == 1001 && !host_clean_in_kernel(&o, banned)?,
+        "host filter not rebuilt at open"
+    );
     ensure!(
         v4_flags(&o, lab.ip_b)? & BAN_NOT_ALLOWLISTED == 0,
         "flag not repaired at open"
@@ -299,7 +340,7 @@ fn open_repairs_flags_and_refills_the_filter_across_adopt_and_migration() -> Res
         },
     )?;
     ensure!(
-        zero_bits(&o, false)? == 6 && zero_bits(&o, true)? == 0,
+        zero_bits(&o, false)? == 6 && zero_bits(&o, true)? == 0 && zero_host_bits(&o)? == 1001,
         "not refilled after migration"
     );
     ensure!(!clean_in_kernel(&o, Ipv4Addr::new(198, 19, 3, 1).into())?);

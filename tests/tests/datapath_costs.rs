@@ -221,6 +221,38 @@ fn the_pre_filter_skips_lookups_but_never_hides_a_ban() {
     );
 }
 
+/// The host filter answers for the clean neighbours of exact IPv4 bans, whose /24 the
+/// pre-filter cannot prove clean: the program trusts its bit, but only while no IPv4 CIDR ban
+/// exists, which it does not speak for.
+#[test]
+fn the_host_filter_answers_for_neighbours_only_while_no_v4_cidr_ban_exists() {
+    let mut dp = DataPlane::load(&[PORT]).expect("load data plane");
+    dp.fill_filter(false).unwrap();
+    dp.ban("198.18.43.5", 32, ban_now()).unwrap();
+    let drop = (XDP_DROP, Delta::of(&[Counter::Dropped]));
+    let pass = (XDP_PASS, Delta::of(&[Counter::Passed]));
+    let syn = |src: &str| Pkt::tcp(src, 40000, SERVER4, 443).syn().build();
+    assert_eq!(dp.xdp_counted(&syn("198.18.43.5")).unwrap(), drop);
+    // The neighbour shares the banned /24, not the ban's low 24 bits.
+    assert_eq!(dp.xdp_counted(&syn("198.18.43.6")).unwrap(), pass);
+    // A wrongly set bit hides the ban: the bit is what the program went by. (Hence the agent's
+    // rule: clear the bit before the ban is written.)
+    dp.set_host_bit(filter::host_bit([198, 18, 43, 5]), true)
+        .unwrap();
+    assert_eq!(
+        dp.xdp_counted(&syn("198.18.43.5")).unwrap(),
+        pass,
+        "trusted the host filter"
+    );
+    dp.ban("198.20.0.0", 16, ban_now()).unwrap();
+    assert_eq!(
+        dp.xdp_counted(&syn("198.18.43.5")).unwrap(),
+        drop,
+        "the host filter believed while a CIDR ban exists"
+    );
+    assert_eq!(dp.xdp_counted(&syn("198.20.7.7")).unwrap(), drop);
+}
+
 /// `BAN_NOT_ALLOWLISTED` is the writer's promise that no allowlist entry covers the ban; the
 /// drop path then skips the allowlist lookup. Without it the allowlist is looked up and wins.
 #[test]

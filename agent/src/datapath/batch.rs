@@ -201,7 +201,11 @@ impl DataPath {
                 self.prefilter.add(&h.cidr, &mut dirty);
             }
         }
-        if let Err(e) = self.prefilter.write(&self.maps.ban_filter, &mut dirty) {
+        let written = self.maps.host_filter().and_then(|hosts| {
+            self.prefilter
+                .write(&self.maps.ban_filter, hosts, &mut dirty)
+        });
+        if let Err(e) = written {
             return Err(fail(
                 all_unwritten(&v4, &v6, &nets),
                 e,

@@ -19,8 +19,10 @@ use crate::bpf::OBJECT;
 /// purpose: it is per-program working memory, and a fresh one per load means its layout can
 /// change freely between builds. `BAN_FILTER` is pinned so that an adopted program and the agent
 /// writing bans share one pre-filter (an unpinned one per load would let the running program
-/// read a stale bitmap); a migration starts it empty and the open refills it.
-pub const PINNED_MAPS: [&str; 16] = [
+/// read a stale bitmap); a migration starts it empty and the open refills it. `HOST_FILTER` is
+/// pinned for the same reason; a generation from before it gets one created (empty: "look
+/// up") at its next open.
+pub const PINNED_MAPS: [&str; 17] = [
     names::CONFIG,
     names::PORTS,
     names::COUNTERS,
@@ -34,6 +36,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     names::RATES,
     names::BURSTS,
     names::BAN_FILTER,
+    names::HOST_FILTER,
     names::PROXY_FROM_V4,
     names::PROXY_FROM_V6,
     names::PROXY_SENDERS,

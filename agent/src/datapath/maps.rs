@@ -35,6 +35,9 @@ pub struct Maps {
     pub rates: HashMap<MapData, [u8; 16], RateValue>,
     pub bursts: RingBuf<MapData>,
     pub ban_filter: Array<MapData, u64>,
+    /// Absent from a generation older than the host filter, which a migration reads and an
+    /// open replaces; this build's always has it.
+    pub host_filter: Option<Array<MapData, u64>>,
     /// Layout 3's maps: always there in this build's generation, absent from a layout-2 one a
     /// migration reads.
     pub proxy: Option<ProxyMaps>,
@@ -147,6 +150,7 @@ impl Maps {
             rates: typed(t, names::RATES)?,
             bursts: typed(t, names::BURSTS)?,
             ban_filter: typed(t, names::BAN_FILTER)?,
+            host_filter: Some(typed(t, names::HOST_FILTER)?),
             proxy: Some(ProxyMaps {
                 from_v4: typed(t, names::PROXY_FROM_V4)?,
                 from_v6: typed(t, names::PROXY_FROM_V6)?,
@@ -205,8 +209,19 @@ impl Maps {
             rates: typed(t, names::RATES)?,
             bursts: typed(t, names::BURSTS)?,
             ban_filter: typed(t, names::BAN_FILTER)?,
+            host_filter: match t(names::HOST_FILTER) {
+                Ok(m) => Some(typed(&mut one(m), names::HOST_FILTER)?),
+                Err(_) => None,
+            },
             proxy,
         })
+    }
+
+    /// The host filter (this build's generation always has it).
+    pub fn host_filter(&self) -> Result<&Array<MapData, u64>, DataPathError> {
+        self.host_filter
+            .as_ref()
+            .ok_or_else(|| DataPathError::Other("HOST_FILTER missing from the maps".into()))
     }
 
     /// The layout-3 maps (this build's generation always has them).

@@ -84,7 +84,7 @@ impl Conversion {
 }
 
 /// Copy every entry the data plane depends on from `old` into `new`, converted to layout
-/// `to`. `BAN_FILTER` is left alone: the open refills it from the bans.
+/// `to`. `BAN_FILTER` and `HOST_FILTER` are left alone: the open refills them from the bans.
 pub fn copy(old: &Maps, new: &mut Maps, to: u32) -> Result<(), DataPathError> {
     let mut cfg = old.config()?;
     // CONFIG carries the layout its maps were written in, atomically with them; the record

@@ -191,7 +191,7 @@ impl DataPath {
         // Whatever the map holds (fresh zeros, a migration's empty one, an older agent's) is
         // replaced by the bitmap of the bans now in the maps; nobody else writes bans.
         prefilter.seal();
-        prefilter.write_all(&maps.ban_filter)?;
+        prefilter.write_all(&maps.ban_filter, maps.host_filter()?)?;
         let mut dp = Self {
             maps,
             pins,
@@ -272,7 +272,8 @@ impl DataPath {
         if existing.is_none() {
             // The kernel must look this bucket up before the ban exists.
             self.prefilter.add(cidr, &mut dirty);
-            self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
+            self.prefilter
+                .write(&self.maps.ban_filter, self.maps.host_filter()?, &mut dirty)?;
         }
         if let Err(e) = self.maps.insert_ban(cidr, &v) {
             if counted {
@@ -281,7 +282,11 @@ impl DataPath {
             }
             if existing.is_none() {
                 self.prefilter.remove(cidr, &mut dirty);
-                self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
+                self.prefilter.write(
+                    &self.maps.ban_filter,
+                    self.maps.host_filter()?,
+                    &mut dirty,
+                )?;
             }
             return Err(maps::ban_err(&e, *cidr, self.max_bans));
         }
@@ -300,7 +305,8 @@ impl DataPath {
             // Only after the delete: the bucket is clean once no ban covers it.
             let mut dirty = Vec::new();
             self.prefilter.remove(cidr, &mut dirty);
-            self.prefilter.write(&self.maps.ban_filter, &mut dirty)?;
+            self.prefilter
+                .write(&self.maps.ban_filter, self.maps.host_filter()?, &mut dirty)?;
             if !cidr.is_host() {
                 // After the delete, for the same reason as in put_ban.
                 self.maps

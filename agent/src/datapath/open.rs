@@ -106,6 +106,11 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
             ..Config::new()
         })?;
     }
+    if replace && !migrate {
+        // Before this build's program reads the pinned host filter: another build may have
+        // left it stale. The open refills it (`DataPath::assemble`).
+        super::prefilter::clear_host_filter(maps.host_filter()?)?;
+    }
 
     let map_ids = loader::PINNED_MAPS
         .iter()

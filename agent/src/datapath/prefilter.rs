@@ -1,11 +1,16 @@
 //! The writer's side of the kernel's ban pre-filter (`BAN_FILTER`, rules in
-//! `wsguard_common::filter`): which buckets some ban covers, and the bitmap the kernel reads.
+//! `wsguard_common::filter`): which buckets some ban covers, and the bitmap the kernel reads;
+//! and of its host filter (`HOST_FILTER`), which exact IPv4 bans share an address's low 24
+//! bits.
 //!
 //! The agent keeps a copy of the bitmap and, per bucket, how many bans of /24 (IPv4) or /64
 //! (IPv6) and longer cover it, so a removal knows without a map walk whether it freed the
 //! bucket. Shorter bans cover many buckets and are few: they are kept as ranges (IPv4) or a
 //! count (IPv6, whose buckets are hashed, so any of them clears the whole family) and a
-//! removal recomputes that family's words and writes those that changed.
+//! removal recomputes that family's words and writes those that changed. Host-filter bits
+//! are counted in two bits each (4 MiB, touched only where bans are): three bans on one bit
+//! pin it "maybe" until the next open recounts (slower for that bit, never wrong; at a million
+//! bans spread over the 2^24 bits, a few hundred).
 //!
 //! Order is the contract: bits are cleared in the kernel before the ban that needs it is
 //! written, and set only after the last ban covering them is gone. A crash in between leaves
@@ -15,7 +20,9 @@
 use std::{collections::HashMap, net::IpAddr, os::fd::AsFd as _};
 
 use aya::maps::{Array, IterableMap as _, MapData};
-use wsguard_common::filter::{self, FILTER_WORDS, FILTER_WORDS_PER_FAMILY};
+use wsguard_common::filter::{
+    self, FILTER_WORDS, FILTER_WORDS_PER_FAMILY, HOST_FILTER_BITS, HOST_FILTER_WORDS,
+};
 
 use super::{DataPathError, sys};
 use crate::addr::Cidr;
@@ -46,6 +53,53 @@ fn cover(c: &Cidr) -> Cover {
     }
 }
 
+/// Saturated: the count of a host bit stops here and never goes down.
+const HOST_SATURATED: u8 = 3;
+
+/// Exact IPv4 bans per host-filter bit, two bits each.
+struct HostCounts(Vec<u8>);
+
+impl HostCounts {
+    fn new() -> Self {
+        // Zeroed by the allocator: pages are touched only where a ban is counted.
+        Self(vec![0; (HOST_FILTER_BITS / 4) as usize])
+    }
+
+    fn get(&self, bit: u32) -> u8 {
+        (self.0[(bit / 4) as usize] >> ((bit % 4) * 2)) & 3
+    }
+
+    fn set(&mut self, bit: u32, n: u8) {
+        let (byte, shift) = (&mut self.0[(bit / 4) as usize], (bit % 4) * 2);
+        *byte = (*byte & !(3 << shift)) | (n << shift);
+    }
+
+    /// Word `word` of the kernel's host filter: a bit set where no ban is counted.
+    fn word(&self, word: u32) -> u64 {
+        let bytes = &self.0[(word * 16) as usize..(word * 16 + 16) as usize];
+        let mut w = 0u64;
+        for (i, b) in bytes.iter().enumerate() {
+            for j in 0..4 {
+                if (b >> (j * 2)) & 3 == 0 {
+                    w |= 1 << (i * 4 + j);
+                }
+            }
+        }
+        w
+    }
+}
+
+/// The host-filter bit of an exact IPv4 ban; `None` for any other.
+fn host_bit(c: &Cidr) -> Option<u32> {
+    match c.addr() {
+        IpAddr::V4(a) if c.is_host() => Some(filter::host_bit(a.octets())),
+        _ => None,
+    }
+}
+
+/// `dirty` holds BAN_FILTER word indexes, and host-filter words offset by this.
+const HOST_BASE: u32 = FILTER_WORDS;
+
 pub struct Prefilter {
     /// What the kernel's map holds (or will once the dirty words are written).
     words: Vec<u64>,
@@ -53,6 +107,7 @@ pub struct Prefilter {
     v6: HashMap<u32, u32>,
     v4_wide: Vec<(u32, u32)>,
     v6_wide: u32,
+    hosts: HostCounts,
 }
 
 impl Prefilter {
@@ -76,11 +131,31 @@ impl Prefilter {
             v6: HashMap::new(),
             v4_wide: Vec::new(),
             v6_wide: 0,
+            hosts: HostCounts::new(),
         }
     }
 
     pub fn add_unsealed(&mut self, c: &Cidr) {
         self.count(cover(c), true);
+        self.count_host(c, true);
+    }
+
+    /// Count an exact IPv4 ban in (or out of) its host bit: whether the bit's "no exact ban"
+    /// changed.
+    fn count_host(&mut self, c: &Cidr, add: bool) -> Option<u32> {
+        let bit = host_bit(c)?;
+        let n = self.hosts.get(bit);
+        let next = match (add, n) {
+            (true, HOST_SATURATED) | (false, HOST_SATURATED) | (false, 0) => return None,
+            (true, n) => n + 1,
+            (false, n) => n - 1,
+        };
+        self.hosts.set(bit, next);
+        (n == 0 || next == 0).then_some(bit)
+    }
+
+    fn host_dirty(bit: u32, dirty: &mut Vec<u32>) {
+        dirty.push(HOST_BASE + filter::host_slot(bit).0);
     }
 
     /// Compute the bitmap from what was added.
@@ -140,6 +215,9 @@ impl Prefilter {
     /// Count a new ban and clear the bits it needs; the words to write (before the ban) are
     /// pushed to `dirty`.
     pub fn add(&mut self, c: &Cidr, dirty: &mut Vec<u32>) {
+        if let Some(bit) = self.count_host(c, true) {
+            Self::host_dirty(bit, dirty);
+        }
         let cv = cover(c);
         self.count(cv, true);
         let (base, first, n) = match cv {
@@ -160,6 +238,9 @@ impl Prefilter {
     /// Uncount a removed ban and set the bits no ban covers any more; the words to write
     /// (after the removal) are pushed to `dirty`.
     pub fn remove(&mut self, c: &Cidr, dirty: &mut Vec<u32>) {
+        if let Some(bit) = self.count_host(c, false) {
+            Self::host_dirty(bit, dirty);
+        }
         let cv = cover(c);
         self.count(cv, false);
         match cv {
@@ -199,40 +280,87 @@ impl Prefilter {
         }
     }
 
+    /// Whether the copy says no exact IPv4 ban has host-filter bit `bit` (for tests).
+    #[cfg(test)]
+    pub fn host_is_clean(&self, bit: u32) -> bool {
+        self.hosts.get(bit) == 0
+    }
+
     /// Whether the copy says `bit` of a family is "proven clean" (for tests and checks).
     pub fn is_clean(&self, bit: u32, v6: bool) -> bool {
         let (word, mask) = filter::slot(bit, v6);
         self.words[word as usize] & mask != 0
     }
 
-    /// Write the words listed in `dirty` (any order, repeats allowed) to the kernel's map.
+    /// Write the words listed in `dirty` (any order, repeats allowed) to the kernel's maps:
+    /// the pre-filter's to `map`, the host filter's to `hosts`.
     pub fn write(
         &self,
         map: &Array<MapData, u64>,
+        hosts: &Array<MapData, u64>,
         dirty: &mut Vec<u32>,
     ) -> Result<(), DataPathError> {
         dirty.sort_unstable();
         dirty.dedup();
-        let fd = map.map().fd().as_fd();
-        for keys in dirty.chunks(CHUNK) {
-            let values: Vec<u64> = keys.iter().map(|k| self.words[*k as usize]).collect();
-            let r = match sys::update_batch(fd, keys, &values) {
-                Err(e) if e.done == 0 && sys::batch_unsupported(&e.err) => keys
-                    .iter()
-                    .zip(&values)
-                    .try_for_each(|(k, v)| sys::update_elem(fd, k, v)),
-                r => r.map_err(|e| e.err),
-            };
-            r.map_err(|e| DataPathError::Other(format!("write the ban pre-filter: {e}")))?;
+        let split = dirty.partition_point(|k| *k < HOST_BASE);
+        let (filter_keys, host_keys) = dirty.split_at_mut(split);
+        write_words(
+            map,
+            filter_keys,
+            |k| self.words[k as usize],
+            "ban pre-filter",
+        )?;
+        for k in host_keys.iter_mut() {
+            *k -= HOST_BASE;
         }
+        write_words(hosts, host_keys, |k| self.hosts.word(k), "host filter")?;
         dirty.clear();
         Ok(())
     }
 
-    /// Write the whole bitmap (after a load or an adoption: the map may hold anything older).
-    pub fn write_all(&self, map: &Array<MapData, u64>) -> Result<(), DataPathError> {
-        self.write(map, &mut (0..FILTER_WORDS).collect())
+    /// Write both bitmaps whole (after a load or an adoption: the maps may hold anything
+    /// older).
+    pub fn write_all(
+        &self,
+        map: &Array<MapData, u64>,
+        hosts: &Array<MapData, u64>,
+    ) -> Result<(), DataPathError> {
+        self.write(
+            map,
+            hosts,
+            &mut (0..HOST_BASE + HOST_FILTER_WORDS).collect(),
+        )
     }
+}
+
+/// Empty the kernel's host filter (every bit "look up"), before a program of this build
+/// starts reading a pinned one that another build may have left stale: a build from before
+/// the host filter never kept it in step with its bans.
+pub fn clear_host_filter(map: &Array<MapData, u64>) -> Result<(), DataPathError> {
+    let keys: Vec<u32> = (0..HOST_FILTER_WORDS).collect();
+    write_words(map, &keys, |_| 0, "host filter")
+}
+
+/// Write words `keys` of `map`, their values from `value`, in batches.
+fn write_words(
+    map: &Array<MapData, u64>,
+    keys: &[u32],
+    value: impl Fn(u32) -> u64,
+    what: &str,
+) -> Result<(), DataPathError> {
+    let fd = map.map().fd().as_fd();
+    for keys in keys.chunks(CHUNK) {
+        let values: Vec<u64> = keys.iter().map(|k| value(*k)).collect();
+        let r = match sys::update_batch(fd, keys, &values) {
+            Err(e) if e.done == 0 && sys::batch_unsupported(&e.err) => keys
+                .iter()
+                .zip(&values)
+                .try_for_each(|(k, v)| sys::update_elem(fd, k, v)),
+            r => r.map_err(|e| e.err),
+        };
+        r.map_err(|e| DataPathError::Other(format!("write the {what}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The words and masks of bits `first..first + n` of a family (`n` a power of two and
@@ -274,18 +402,61 @@ mod tests {
         assert!(f.is_clean(v4("198.18.1.9"), false));
         f.remove(&c("198.18.0.2"), &mut d);
         assert!(
-            d.is_empty() && !f.is_clean(v4("198.18.0.9"), false),
-            "one ban left"
+            d.iter().all(|k| *k >= HOST_BASE) && !f.is_clean(v4("198.18.0.9"), false),
+            "one ban left in the bucket"
         );
         f.add(&c("198.18.0.0/15"), &mut d);
         assert!(!d.is_empty() && !f.is_clean(v4("198.19.255.1"), false));
         assert!(f.is_clean(v4("198.17.255.1"), false) && f.is_clean(v4("198.20.0.1"), false));
         d.clear();
         f.remove(&c("198.18.0.3"), &mut d);
-        assert!(d.is_empty(), "still under the /15");
+        assert!(
+            d.iter().all(|k| *k >= HOST_BASE),
+            "the bucket is still under the /15"
+        );
         f.remove(&c("198.18.0.0/15"), &mut d);
         assert!(f.is_clean(v4("198.18.0.9"), false) && f.is_clean(v4("198.19.255.1"), false));
         assert!(f.words.iter().all(|w| *w == u64::MAX), "all clean again");
+    }
+
+    #[test]
+    fn host_bits_count_exact_v4_bans_and_saturate() {
+        let bit = |s: &str| filter::host_bit(s.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        let mut f = Prefilter::new(&[c("198.18.0.2"), c("10.18.0.2"), c("198.18.0.0/24")]);
+        assert!(
+            !f.host_is_clean(bit("198.18.0.2")),
+            "two bans share the bit"
+        );
+        assert!(
+            f.host_is_clean(bit("198.18.0.3")),
+            "a CIDR ban has no host bit"
+        );
+        let mut d = Vec::new();
+        f.remove(&c("198.18.0.2"), &mut d);
+        assert!(
+            !f.host_is_clean(bit("198.18.0.2")) && d.is_empty(),
+            "one left"
+        );
+        f.remove(&c("10.18.0.2"), &mut d);
+        assert!(f.host_is_clean(bit("198.18.0.2")));
+        let (word, mask) = filter::host_slot(bit("198.18.0.2"));
+        assert!(d.contains(&(HOST_BASE + word)));
+        assert_eq!(f.hosts.word(word) & mask, mask, "the word the kernel gets");
+        assert_eq!(f.hosts.word(word).count_zeros(), 0);
+        // Three bans pin the bit: no removal frees it before the next open recounts.
+        for a in ["1.18.0.9", "2.18.0.9", "3.18.0.9", "4.18.0.9"] {
+            f.add(&c(a), &mut d);
+        }
+        for a in ["1.18.0.9", "2.18.0.9", "3.18.0.9", "4.18.0.9"] {
+            f.remove(&c(a), &mut d);
+        }
+        assert!(!f.host_is_clean(bit("1.18.0.9")), "saturated");
+        d.clear();
+        f.add(&c("fd00::9"), &mut d);
+        assert!(
+            d.iter().all(|k| *k < HOST_BASE),
+            "IPv6 bans have no host bit"
+        );
     }
 
     #[test]

@@ -14,6 +14,13 @@
 //!
 //! Layout: `FILTER_WORDS` u64 words; IPv4 bits in the first [`FILTER_WORDS_PER_FAMILY`] words,
 //! IPv6 bits in the next. Bit `b` of a family is bit `b & 63` of word `b >> 6`.
+//!
+//! The host filter (`HOST_FILTER`) answers for the clean neighbours of an exact IPv4 ban, whose
+//! /24 is not proven clean: one bit per value of an address's low 24 bits ([`host_bit`]), set
+//! when no exact IPv4 ban has those bits. Within one /24 the low 8 bits differ, so the bans of
+//! an address's own /24 never share its bit; only an exact ban in another /24 with the same
+//! low 24 bits does. It speaks for exact bans only: the program believes it only while no
+//! IPv4 CIDR ban exists (`Config::cidr_v4 == 0`). The same ordering rules apply.
 
 /// Buckets per address family: 2^24 (every IPv4 /24).
 pub const FILTER_BITS_PER_FAMILY: u32 = 1 << 24;
@@ -21,6 +28,23 @@ pub const FILTER_BITS_PER_FAMILY: u32 = 1 << 24;
 pub const FILTER_WORDS_PER_FAMILY: u32 = FILTER_BITS_PER_FAMILY / 64;
 /// Entries of the `BAN_FILTER` array.
 pub const FILTER_WORDS: u32 = 2 * FILTER_WORDS_PER_FAMILY;
+
+/// Bits of the host filter: every value of an IPv4 address's low 24 bits.
+pub const HOST_FILTER_BITS: u32 = 1 << 24;
+/// Entries of the `HOST_FILTER` array (2 MiB).
+pub const HOST_FILTER_WORDS: u32 = HOST_FILTER_BITS / 64;
+
+/// The host-filter bit of an IPv4 address: its low 24 bits.
+#[inline(always)]
+pub const fn host_bit(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr) & (HOST_FILTER_BITS - 1)
+}
+
+/// Word index and mask of host-filter bit `bit`.
+#[inline(always)]
+pub const fn host_slot(bit: u32) -> (u32, u64) {
+    ((bit & (HOST_FILTER_BITS - 1)) >> 6, 1u64 << (bit & 63))
+}
 
 /// The bucket of an IPv4 address: its /24.
 #[inline(always)]
@@ -102,6 +126,18 @@ mod tests {
         assert!(v6_bit(&a) < FILTER_BITS_PER_FAMILY);
         assert_eq!(v6_cidr_bit(&a, 64), Some(v6_bit(&a)));
         assert_eq!(v6_cidr_bit(&a, 48), None);
+    }
+
+    #[test]
+    fn host_bits_tell_apart_every_address_of_a_slash_24() {
+        let bits: std::collections::HashSet<u32> =
+            (0..=255u8).map(|d| host_bit([198, 18, 7, d])).collect();
+        assert_eq!(bits.len(), 256);
+        // Only another /24's address with the same low 24 bits shares one.
+        assert_eq!(host_bit([198, 18, 7, 9]), host_bit([10, 18, 7, 9]));
+        assert_ne!(host_bit([198, 18, 7, 9]), host_bit([198, 19, 7, 9]));
+        assert_eq!(host_slot(host_bit([0, 0, 0, 65])), (1, 2));
+        assert_eq!(host_slot(HOST_FILTER_BITS - 1).0, HOST_FILTER_WORDS - 1);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod names {
     pub const SCRATCH: &str = "SCRATCH";
     /// The ban pre-filter ([`crate::filter`]). Optional: all zeros (fresh) means "look up".
     pub const BAN_FILTER: &str = "BAN_FILTER";
+    pub const HOST_FILTER: &str = "HOST_FILTER";
     /// Trusted PROXY-protocol senders (layout 3), LPM tries like the allowlist's.
     pub const PROXY_FROM_V4: &str = "PROXY_FROM_V4";
     pub const PROXY_FROM_V6: &str = "PROXY_FROM_V6";

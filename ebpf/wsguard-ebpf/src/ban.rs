@@ -4,7 +4,7 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use wsguard_common::{
-    filter::{slot, v4_bit, v6_bit},
+    filter::{host_bit, host_slot, slot, v4_bit, v6_bit},
     maps::{
         BAN_HARD, BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED, BAN_OBSERVE, BanValue, CFG_OBSERVE,
         Config, Counter, FLOW_ESTABLISHED,
@@ -16,7 +16,7 @@ use crate::{
     clock::{coarse_now_ns, jiffies},
     maps::{
         ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, CONFIG,
-        CoarseClock, FLOWS, HOT_BAN, HotBan, PORTS, V4_TAG,
+        CoarseClock, FLOWS, HOST_FILTER, HOT_BAN, HotBan, PORTS, V4_TAG,
     },
     parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
     xdp::flow_key,
@@ -36,7 +36,8 @@ pub enum Banned {
 
 /// What happens to a packet from this source: `None` if no live ban covers it.
 ///
-/// The pre-filter answers for most clean sources with one array read. A hot banned source
+/// The pre-filter answers for most clean sources with one array read, the host filter for the
+/// clean neighbours of exact IPv4 bans with a second. A hot banned source
 /// (past `HOT_DROPS` drops, enforced, not allowlisted) that this CPU already dropped in the
 /// current jiffy is judged from the verdict held in `HOT_BAN`, without the ban lookup, while
 /// `Config::flags` is unchanged: the agent bumps its generation bits when it removes a ban or
@@ -47,7 +48,7 @@ pub enum Banned {
 /// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
 #[inline(always)]
 pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Option<Banned> {
-    if proven_clean(l3) {
+    if proven_clean(l3) || host_clean(l3, cfg) {
         return None;
     }
     judge_unfiltered::<HOLD>(ctx, l3, cfg)
@@ -127,6 +128,20 @@ pub fn proven_clean(l3: &L3) -> bool {
     };
     let (word, mask) = slot(bit, l3.v6);
     BAN_FILTER.get(word).is_some_and(|w| *w & mask != 0)
+}
+
+/// Whether no ban can cover this IPv4 source although its /24 holds one: no exact ban has its
+/// low 24 bits and no IPv4 CIDR ban exists (the host filter speaks for exact bans only).
+#[inline(always)]
+pub fn host_clean(l3: &L3, cfg: &Config) -> bool {
+    if l3.v6 || cfg.cidr_v4 != 0 {
+        return false;
+    }
+    // SAFETY: parse_l3 bounds-checked 4 address bytes for IPv4.
+    let (word, mask) = host_slot(host_bit(unsafe {
+        (l3.src as *const [u8; 4]).read_unaligned()
+    }));
+    HOST_FILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
 /// The live ban of `src` (4 or 16 readable bytes, as `v6` says), exact first, then CIDR. An

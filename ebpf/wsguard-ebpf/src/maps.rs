@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use wsguard_common::{
     Classifier,
-    filter::FILTER_WORDS,
+    filter::{FILTER_WORDS, HOST_FILTER_WORDS},
     maps::{
         AllowValue, BanValue, COUNTERS_LEN, Config, FlowKey, FlowValue, MAX_INSPECT,
         ProxySenderValue, RateValue,
@@ -124,6 +124,11 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// `wsguard_common::filter`). Zeroed at creation, which only disables the shortcut.
 #[map]
 pub static BAN_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+
+/// The host filter: "no exact IPv4 ban has these low 24 bits" bits, for the clean neighbours
+/// of exact bans (see `wsguard_common::filter`). Zeroed at creation, which only disables it.
+#[map]
+pub static HOST_FILTER: Array<u64> = Array::with_max_entries(HOST_FILTER_WORDS, 0);
 
 /// Per-CPU state of the drop path (see ban.rs): the hot banned source this CPU dropped last,
 /// its drops not yet added to its ban's shared counter and, for the rest of one jiffy, the

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use wsguard_common::maps::{CFG_CUT_PENDING, Config, Counter, FlowKey};
 
 use crate::{
-    ban::{Banned, held_drop, judge_unfiltered, proven_clean},
+    ban::{Banned, held_drop, host_clean, judge_unfiltered, proven_clean},
     counters::{count, count_at},
     flow::{on_packet, pack},
     inspect::{may_start_request, scratch},
@@ -41,7 +41,8 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let cfg = CONFIG.get(0).ok_or(())?;
     let mut action = Counter::Passed as u32;
-    if !proven_clean(&l3) {
+    // Before the held verdict: the clean neighbours of a ban are many more than hot sources.
+    if !proven_clean(&l3) && !host_clean(&l3, cfg) {
         if held_drop(&l3, cfg) {
             count(Counter::Dropped);
             return Ok(XDP_DROP);

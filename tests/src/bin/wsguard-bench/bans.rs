@@ -2,9 +2,12 @@
 //! far as it holds them) xdp-filter's `filter_ipv4`; CIDR bans for wsguard's own rows.
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap, MapData, lpm_trie::Key};
 use std::{net::Ipv4Addr, time::Instant};
-use wsguard_common::maps::{BAN_NOT_ALLOWLISTED, BanValue};
+use wsguard_common::{
+    filter,
+    maps::{BAN_NOT_ALLOWLISTED, BanValue, names},
+};
 use wsguard_tests::dataplane::boot_ns;
 
 use crate::{Bench, run::check_stop};
@@ -47,10 +50,11 @@ impl Bench {
     /// map's size. Returns how many xdp-filter holds.
     pub fn fill_bans(&mut self, from: u32, n: u32) -> Result<u32> {
         let started = Instant::now();
-        // The agent clears a ban's pre-filter bucket before it writes the ban.
+        // The agent clears a ban's pre-filter bucket and host bit before it writes the ban.
         for bucket in u32::from_be_bytes(exact(from)) >> 8..=u32::from_be_bytes(exact(n - 1)) >> 8 {
             self.dp.set_filter_bit(bucket, false, false)?;
         }
+        self.clear_host_bits(from, n)?;
         let value = ttl_ban();
         let mut bans = self.dp.bans_v4()?;
         for i in from..n {
@@ -77,6 +81,26 @@ impl Bench {
             started.elapsed().as_secs_f64()
         );
         Ok(held)
+    }
+
+    /// Clear the host-filter bits of exact bans `from..n`, a word at a time.
+    fn clear_host_bits(&mut self, from: u32, n: u32) -> Result<()> {
+        let mut words = std::collections::BTreeMap::<u32, u64>::new();
+        for i in from..n {
+            let (word, mask) = filter::host_slot(filter::host_bit(exact(i)));
+            *words.entry(word).or_default() |= mask;
+        }
+        let mut a: Array<&mut MapData, u64> = Array::try_from(
+            self.dp
+                .ebpf
+                .map_mut(names::HOST_FILTER)
+                .context("the object has no host filter")?,
+        )?;
+        for (word, mask) in words {
+            let w = a.get(&word, 0)?;
+            a.set(word, w & !mask, 0)?;
+        }
+        Ok(())
     }
 
     pub fn fill_cidrs(&mut self, n: u32) -> Result<()> {
