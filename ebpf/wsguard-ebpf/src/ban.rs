@@ -34,29 +34,9 @@ pub enum Banned {
     Pass(Counter),
 }
 
-/// What happens to a packet from this source: `None` if no live ban covers it.
-///
-/// The pre-filter answers for most clean sources with one array read, the host filter for the
-/// clean neighbours of exact IPv4 bans with a second. A hot banned source
-/// (past `HOT_DROPS` drops, enforced, not allowlisted) that this CPU already dropped in the
-/// current jiffy is judged from the verdict held in `HOT_BAN`, without the ban lookup, while
-/// `Config::flags` is unchanged: the agent bumps its generation bits when it removes a ban or
-/// adds an allowlist entry, so those reach the source at its next packet; a change the agent
-/// does not announce (a ban's own flags, expiry) reaches it at most one jiffy late, as expiry
-/// already does (see clock.rs). Everything else looks the ban up.
-///
-/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
-#[inline(always)]
-pub fn judge<const HOLD: bool>(ctx: &XdpContext, l3: &L3, cfg: &Config) -> Option<Banned> {
-    if proven_clean(l3) || host_clean(l3, cfg) {
-        return None;
-    }
-    judge_unfiltered::<HOLD>(ctx, l3, cfg)
-}
-
 /// The held verdict's common case, for the XDP entry to take without a call into its judging
 /// subprogram: this CPU holds an enforced drop verdict for this very source in this jiffy
-/// (see [`judge`]), the ban cannot have a flow to preserve (hard, or no `BAN_MAY_PRESERVE`),
+/// (see [`judge_unfiltered`]), the ban cannot have a flow to preserve (hard, or no `BAN_MAY_PRESERVE`),
 /// and the drop does not fill a batch. Then the drop is counted in the batch and true comes
 /// back; anything else (preserve check, batch flush, no held verdict) is false, and the caller
 /// judges the source in full, which sees the same state and does the rest.
@@ -81,7 +61,19 @@ pub fn held_drop(l3: &L3, cfg: &Config) -> bool {
     false
 }
 
-/// [`judge`] past the pre-filter.
+/// What happens to a packet from this source, once the pre-filter and the host filter
+/// ([`proven_clean`], [`host_clean`]) could not clear it: `None` if no live ban covers it.
+///
+/// The pre-filter answers for most clean sources with one array read, the host filter for the
+/// clean neighbours of exact IPv4 bans with a second. A hot banned source
+/// (past `HOT_DROPS` drops, enforced, not allowlisted) that this CPU already dropped in the
+/// current jiffy is judged from the verdict held in `HOT_BAN`, without the ban lookup, while
+/// `Config::flags` is unchanged: the agent bumps its generation bits when it removes a ban or
+/// adds an allowlist entry, so those reach the source at its next packet; a change the agent
+/// does not announce (a ban's own flags, expiry) reaches it at most one jiffy late, as expiry
+/// already does (see clock.rs). Everything else looks the ban up.
+///
+/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
 #[inline(always)]
 pub fn judge_unfiltered<const HOLD: bool>(
     ctx: &XdpContext,

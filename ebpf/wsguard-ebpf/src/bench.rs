@@ -17,8 +17,8 @@ use aya_ebpf::{
 use wsguard_common::maps::{BanValue, Counter};
 
 use crate::{
-    ban::{Banned, judge},
-    counters::count,
+    ban::{Banned, host_clean, judge_unfiltered, proven_clean},
+    counters::{bump, count, slot},
     maps::CONFIG,
     parse::{ETH_HLEN, Unparsed, parse_l3, ptr_at},
 };
@@ -106,22 +106,34 @@ pub fn wsguard_bench_lookup(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lookup(ctx: &XdpContext) -> Result<u32, ()> {
+    // The counter slots as `wsguard_xdp` looks them up: `passed` first, `dropped` once the
+    // filters could not clear the source.
+    let passed = slot(Counter::Passed);
     let len = ctx.data_end() - ctx.data();
     let Ok(l3) = parse_l3(ctx, len) else {
         count(Counter::Unparsed);
         return Ok(XDP_PASS);
     };
     let cfg = CONFIG.get(0).ok_or(())?;
-    let action = match judge::<false>(ctx, &l3, cfg) {
+    if proven_clean(&l3) || host_clean(&l3, cfg) {
+        bump(passed);
+        return Ok(XDP_PASS);
+    }
+    let dropped = slot(Counter::Dropped);
+    match judge_unfiltered::<false>(ctx, &l3, cfg) {
         Some(Banned::Drop) => {
-            count(Counter::Dropped);
-            return Ok(XDP_DROP);
+            bump(dropped);
+            Ok(XDP_DROP)
         }
-        Some(Banned::Pass(c)) => c,
-        None => Counter::Passed,
-    };
-    count(action);
-    Ok(XDP_PASS)
+        Some(Banned::Pass(c)) => {
+            count(c);
+            Ok(XDP_PASS)
+        }
+        None => {
+            bump(passed);
+            Ok(XDP_PASS)
+        }
+    }
 }
 
 #[xdp]
