@@ -125,36 +125,50 @@ fn a_flood_from_banned_sources_inserts_nothing() {
     assert!(dp.bursts().unwrap().is_empty());
 }
 
-/// Past 1024 drops a ban is hot: each CPU holds back up to 63 drops of the source it dropped
-/// last and adds them in one go of 64, and hands them over as soon as it drops another source.
+/// Past 1024 drops a ban is hot: each CPU holds back up to 63 drops of a run of one source,
+/// adds them in one go of 64, and hands them over as soon as it drops another source. The first
+/// drop of a run is added at once, so hot sources that interleave on one CPU hold nothing back
+/// (and never pay a second lookup to hand drops over).
 #[test]
 fn hot_bans_count_drops_in_per_cpu_batches() {
     // One CPU, so that consecutive runs share the per-CPU batch.
     std::thread::spawn(|| {
         pin_to_cpu(0).unwrap();
         let mut dp = DataPlane::load(&[PORT]).expect("load data plane");
-        for (hot, cold) in [("198.18.42.1", "198.18.42.2"), ("fd00:42::1", "fd00:42::2")] {
+        for (hot, cold, other) in [
+            ("198.18.42.1", "198.18.42.2", "198.18.42.3"),
+            ("fd00:42::1", "fd00:42::2", "fd00:42::3"),
+        ] {
             let prefix = if hot.contains(':') { 128 } else { 32 };
-            dp.ban(
-                hot,
-                prefix,
-                BanValue {
-                    drops: 5000,
-                    ..ban_now()
-                },
-            )
-            .unwrap();
+            let hot_ban = BanValue {
+                drops: 5000,
+                ..ban_now()
+            };
+            dp.ban(hot, prefix, hot_ban).unwrap();
+            dp.ban(other, prefix, hot_ban).unwrap();
             dp.ban(cold, prefix, ban_now()).unwrap();
             let f = Pkt::tcp(hot, 40000, server(hot), 443).syn().build();
             let (rc, _) = dp.xdp_repeat(&f, 100).unwrap();
             assert_eq!(rc, XDP_DROP);
-            // Held back from the first drop: 64 are added as one batch, 36 are held back.
-            assert_eq!(dp.ban_entry(hot).unwrap().drops, 5000 + 64, "{hot}");
+            // The run's first drop is added at once, the next 64 as one batch; 35 are held back.
+            assert_eq!(dp.ban_entry(hot).unwrap().drops, 5000 + 1 + 64, "{hot}");
             // Dropping another source hands the held-back drops over.
             let f = Pkt::tcp(cold, 40000, server(cold), 443).syn().build();
             assert_eq!(dp.xdp(&f).unwrap(), XDP_DROP);
             assert_eq!(dp.ban_entry(hot).unwrap().drops, 5100, "{hot}");
             assert_eq!(dp.ban_entry(cold).unwrap().drops, 1, "{cold}: still exact");
+            // Two hot sources taking turns: every drop is counted at once, none held back.
+            for i in 1..=20u64 {
+                for (src, before) in [(hot, 5100), (other, 5000)] {
+                    let f = Pkt::tcp(src, 40000, server(src), 443).syn().build();
+                    assert_eq!(dp.xdp(&f).unwrap(), XDP_DROP);
+                    assert_eq!(
+                        dp.ban_entry(src).unwrap().drops,
+                        before + i,
+                        "{src}, turn {i}"
+                    );
+                }
+            }
         }
     })
     .join()

@@ -353,12 +353,15 @@ fn preserved(ctx: &XdpContext, l3: &L3, created_ns: u64, flags: u32) -> bool {
 }
 
 /// Count one drop against `ban` (of source `src`; `enforced`: a real drop, not observe).
-/// Exact (one shared atomic add) until the ban is hot; then this CPU holds the source in
-/// `HOT_BAN`, with the ban's verdict for this jiffy when it is enforced, batches its drops and
-/// adds them every `DROP_BATCH`, or as soon as it drops another source. The shared counter then
-/// lags by less than `DROP_BATCH` per CPU, invisible on counts past `HOT_DROPS`: that is what
-/// keeps one attacker spread over every CPU from turning its counter's cache line into the
-/// slowest part of the path.
+/// Exact (one shared atomic add) until the ban is hot, and for the first drop of every run of
+/// one source on this CPU; then this CPU holds the source in `HOT_BAN`, with the ban's verdict
+/// for this jiffy when it is enforced, batches the run's drops and adds them every
+/// `DROP_BATCH`, or as soon as it drops another source. The shared counter then lags by less
+/// than `DROP_BATCH` per CPU, invisible on counts past `HOT_DROPS`: that is what keeps one
+/// attacker spread over every CPU from turning its counter's cache line into the slowest part
+/// of the path. A run's first drop holds nothing back: held back, it would be handed over at
+/// the next drop of another source, at the cost of a second ban lookup, which banned sources
+/// interleaving on one CPU (a spread flood) would pay at every packet.
 #[inline(always)]
 fn count_drop(
     ban: &mut BanValue,
@@ -370,21 +373,18 @@ fn count_drop(
 ) {
     // SAFETY: a racy read of a live u64 only shifts the moment batching starts.
     let is_hot = unsafe { core::ptr::read_volatile(&ban.drops) } >= HOT_DROPS;
-    let mut add = 1;
-    if hot.count != 0 {
-        if hot.src == src {
-            add += hot.count;
-        } else {
-            flush(hot);
-        }
+    let again = hot.src == src;
+    if !again && hot.count != 0 {
+        flush(hot);
         hot.count = 0;
     }
-    if is_hot && add < DROP_BATCH {
-        // Held back from now on; the next drops cost no shared write until DROP_BATCH.
-        hot.count = add;
+    if is_hot && again && hot.count + 1 < DROP_BATCH {
+        // Held back; the run's next drops cost no shared write until DROP_BATCH.
+        hot.count += 1;
     } else {
         // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
-        unsafe { add_u64(&mut ban.drops, add) };
+        unsafe { add_u64(&mut ban.drops, hot.count + 1) };
+        hot.count = 0;
     }
     hot.src = src;
     hot.held = u32::from(is_hot && enforced);
