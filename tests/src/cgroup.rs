@@ -297,6 +297,28 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
         .parse()?)
 }
 
+/// KiB of BPF maps mapped into `pid` and resident (the `Rss:` of its `anon_inode:bpf-map`
+/// mappings in `/proc/PID/smaps`): the agent maps `BAN_TABLE_V4`, whose pages the kernel puts
+/// in the mapping at once, so they count in VmRSS and VmHWM although they are the map's own
+/// kernel memory (counted under the maps, charged once).
+pub fn bpf_mapped_kib(pid: u32) -> Result<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut total = 0;
+    let mut in_map = false;
+    for l in s.lines() {
+        let mut f = l.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("Rss:"), Some(v)) if in_map => total += v.parse::<u64>()?,
+            // A mapping's header: an address range first.
+            (Some(range), _) if range.contains('-') && !range.ends_with(':') => {
+                in_map = l.ends_with("anon_inode:bpf-map");
+            }
+            _ => {}
+        }
+    }
+    Ok(total)
+}
+
 /// Bytes the kernel reports for the BPF maps `pid` holds open (`memlock:` of each map fd in
 /// `/proc/PID/fdinfo`, each map once): what the maps themselves take, preallocated or not.
 pub fn map_memlock(pid: u32) -> Result<u64> {

@@ -7,8 +7,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use std::net::IpAddr;
+use wsguard::datapath::table::BanTable;
 use wsguard_common::maps::{
-    BanValue, BurstEvent, COUNTERS_LEN, Config, Counter, FlowKey, FlowValue, RateValue, names,
+    BanValue, BurstEvent, CFG_V4_TABLE, COUNTERS_LEN, Config, Counter, FlowKey, FlowValue,
+    RateValue, names,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -48,6 +50,18 @@ impl DataPlane {
         };
         let ebpf = loader
             .load(other.as_deref().unwrap_or(wsguard::bpf::OBJECT))
+            .context("load the object")?;
+        Self::with_programs(ebpf, ports)
+    }
+
+    /// [`DataPlane::load`] with a `BAN_TABLE_V4` of 2^`bits` buckets (the program told so, as
+    /// the agent tells it), for tests that fill buckets.
+    pub fn load_table_bits(ports: &[u16], bits: u32) -> Result<Self> {
+        let mut loader = aya::EbpfLoader::new();
+        loader.map_max_entries(names::BAN_TABLE_V4, 1 << bits);
+        loader.override_global(names::TABLE_BITS_V4, &bits, true);
+        let ebpf = loader
+            .load(wsguard::bpf::OBJECT)
             .context("load the object")?;
         Self::with_programs(ebpf, ports)
     }
@@ -94,6 +108,38 @@ impl DataPlane {
     /// The exact IPv4 ban map, for bulk inserts (benchmarks).
     pub fn bans_v4(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], BanValue>> {
         Ok(HashMap::try_from(self.map(names::BANS_V4)?)?)
+    }
+
+    /// `BAN_TABLE_V4`, mapped as the agent maps it.
+    pub fn table(&mut self) -> Result<BanTable> {
+        let id = match self.map(names::BAN_TABLE_V4)? {
+            aya::maps::Map::Array(d) => d.info()?.id(),
+            _ => anyhow::bail!("BAN_TABLE_V4 is not an array"),
+        };
+        Ok(BanTable::new(MapData::from_id(id)?)?)
+    }
+
+    /// Turn `CFG_V4_TABLE` on or off: whether the program trusts a miss in the table.
+    pub fn set_table_whole(&mut self, whole: bool) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.flags = if whole {
+            cfg.flags | CFG_V4_TABLE
+        } else {
+            cfg.flags & !CFG_V4_TABLE
+        };
+        self.set_config(&cfg)
+    }
+
+    /// An exact IPv4 ban as the agent writes one: in `BANS_V4` and in the table (the pre-filter
+    /// and host filter are the caller's, as with [`DataPlane::ban`]).
+    pub fn ban_tabled(&mut self, addr: [u8; 4], value: BanValue) -> Result<()> {
+        self.bans_v4()?.insert(addr, value, 0)?;
+        let t = self.table()?;
+        anyhow::ensure!(
+            t.put(addr, &value, true).is_some(),
+            "no slot for {addr:?} in BAN_TABLE_V4"
+        );
+        Ok(())
     }
 
     /// The IPv4 CIDR ban trie, for bulk inserts; the caller keeps `Config::cidr_v4` in step.

@@ -166,6 +166,9 @@ impl DataPath {
             }
         }
         write_hosts(self.maps.bans_v4.map().fd().as_fd(), &k4, &v4)?;
+        self.maps
+            .mirror_v4(k4.into_iter().zip(v4))
+            .map_err(maps::err("write BAN_TABLE_V4"))?;
         write_hosts(self.maps.bans_v6.map().fd().as_fd(), &k6, &v6)
     }
 }

@@ -151,7 +151,13 @@ impl DataPath {
         let unvouched =
             v4.iter().filter(|h| !h.fresh).count() + v6.iter().filter(|h| !h.fresh).count();
         let snapshot = self.ban_entries <= 2 * unvouched as u64;
-        let old4 = existing(&self.maps.bans_v4, &v4, snapshot);
+        let old4 = existing(&self.maps.bans_v4, &v4, snapshot).map(|mut old| {
+            // The table's copy counts drops too: the write carries the sum into BANS_V4.
+            for (k, d) in &mut old {
+                *d += self.maps.in_table(*k).map_or(0, |t| t.drops);
+            }
+            old
+        });
         let old6 = existing(&self.maps.bans_v6, &v6, snapshot);
         let (old4, old6) = match (old4, old6) {
             (Ok(a), Ok(b)) => (a, b),
@@ -229,6 +235,20 @@ impl DataPath {
             }
         };
         self.ban_entries += added;
+        let written: Vec<([u8; 4], BanValue)> = match &r {
+            Ok(()) => v4.iter().map(|h| (h.key, h.value)).collect(),
+            Err((unwritten, _)) => {
+                let unwritten: HashSet<&Cidr> = unwritten.iter().collect();
+                v4.iter()
+                    .filter(|h| !unwritten.contains(&h.cidr))
+                    .map(|h| (h.key, h.value))
+                    .collect()
+            }
+        };
+        if let Err(e) = self.maps.mirror_v4(written) {
+            let err = DataPathError::Other(format!("write BAN_TABLE_V4: {e}"));
+            return Err(fail(Vec::new(), err, stats));
+        }
         if let Err((mut unwritten, err)) = r {
             unwritten.extend(nets.iter().map(|n| n.0));
             return Err(fail(unwritten, err, stats));

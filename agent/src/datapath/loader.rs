@@ -12,6 +12,8 @@ use wsguard_common::maps::{
     BanValue, Config, FlowKey, FlowValue, ProxySenderValue, RateValue, names, programs,
 };
 
+use wsguard_common::table::{self, BanBucket};
+
 use super::DataPathError;
 use crate::bpf::OBJECT;
 
@@ -22,7 +24,7 @@ use crate::bpf::OBJECT;
 /// read a stale bitmap); a migration starts it empty and the open refills it. `HOST_FILTER` is
 /// pinned for the same reason; a generation from before it gets one created (empty: "look
 /// up") at its next open.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     names::CONFIG,
     names::PORTS,
     names::COUNTERS,
@@ -37,6 +39,7 @@ pub const PINNED_MAPS: [&str; 17] = [
     names::BURSTS,
     names::BAN_FILTER,
     names::HOST_FILTER,
+    names::BAN_TABLE_V4,
     names::PROXY_FROM_V4,
     names::PROXY_FROM_V6,
     names::PROXY_SENDERS,
@@ -61,9 +64,8 @@ pub fn build_id() -> u64 {
 /// programs into the kernel, unattached.
 pub fn load(map_dir: Option<&Path>, max_bans: u32) -> Result<Ebpf, DataPathError> {
     let mut loader = EbpfLoader::new();
-    for name in BAN_MAPS {
-        loader.map_max_entries(name, max_bans);
-    }
+    let bits = table::bucket_bits(max_bans);
+    crate::bpf::size(&mut loader, max_bans, &bits);
     if let Some(dir) = map_dir {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, dir.join(name));
@@ -158,6 +160,20 @@ pub fn pinned_mismatch(dir: &Path, max_bans: u32) -> Option<String> {
             return Some(format!(
                 "{name}: {} entries, --max-bans asks for {max}",
                 info.max_entries()
+            ));
+        }
+    }
+    // A generation from before the table gets one at its next open (empty: the program looks
+    // BANS_V4 up until the open fills it); one of another size is this build's no more.
+    if let Ok(info) = MapInfo::from_pin(dir.join(names::BAN_TABLE_V4)) {
+        let want = 1u32 << table::bucket_bits(max_bans);
+        if (info.value_size() as usize, info.max_entries()) != (size_of::<BanBucket>(), want) {
+            return Some(format!(
+                "{}: {} buckets of {} bytes, this build uses {want} of {}",
+                names::BAN_TABLE_V4,
+                info.max_entries(),
+                info.value_size(),
+                size_of::<BanBucket>()
             ));
         }
     }

@@ -9,11 +9,14 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use wsguard_common::maps::{
-    BanValue, BurstEvent, CFG_GENERATION_ONE, COUNTERS_LEN, Config, FlowKey, FlowValue,
-    ProxySenderValue, RateValue, names,
+    BanValue, BurstEvent, CFG_GENERATION_ONE, CFG_V4_TABLE, COUNTERS_LEN, Config, FlowKey,
+    FlowValue, ProxySenderValue, RateValue, names,
 };
 
-use super::{DataPathError, sys};
+use super::{
+    DataPathError, sys,
+    table::{self, BanTable},
+};
 use crate::addr::Cidr;
 
 /// Upper bound on entries visited in one walk of an LRU map: a hash map that changes under
@@ -26,6 +29,12 @@ pub struct Maps {
     pub ports: Array<MapData, u8>,
     pub counters: PerCpuArray<MapData, u64>,
     pub bans_v4: HashMap<MapData, [u8; 4], BanValue>,
+    /// The exact IPv4 bans again, probed inline by the program (see `table`). Absent from a
+    /// generation older than it, which a migration reads.
+    pub table_v4: Option<BanTable>,
+    /// Some exact IPv4 ban found no slot since this generation was opened, so `CFG_V4_TABLE`
+    /// stays clear until the next open's walk finds them all in place.
+    pub table_short: bool,
     pub bans_v6: HashMap<MapData, [u8; 16], BanValue>,
     pub cidrs_v4: LpmTrie<MapData, [u8; 4], BanValue>,
     pub cidrs_v6: LpmTrie<MapData, [u8; 16], BanValue>,
@@ -141,6 +150,8 @@ impl Maps {
             ports: typed(t, names::PORTS)?,
             counters: typed(t, names::COUNTERS)?,
             bans_v4: typed(t, names::BANS_V4)?,
+            table_v4: Some(ban_table(t(names::BAN_TABLE_V4)?)?),
+            table_short: false,
             bans_v6: typed(t, names::BANS_V6)?,
             cidrs_v4: typed(t, names::BAN_CIDRS_V4)?,
             cidrs_v6: typed(t, names::BAN_CIDRS_V6)?,
@@ -200,6 +211,11 @@ impl Maps {
             ports: typed(t, names::PORTS)?,
             counters: typed(t, names::COUNTERS)?,
             bans_v4: typed(t, names::BANS_V4)?,
+            table_v4: match t(names::BAN_TABLE_V4) {
+                Ok(m) => Some(ban_table(m)?),
+                Err(_) => None,
+            },
+            table_short: false,
             bans_v6: typed(t, names::BANS_V6)?,
             cidrs_v4: typed(t, names::BAN_CIDRS_V4)?,
             cidrs_v6: typed(t, names::BAN_CIDRS_V6)?,
@@ -271,7 +287,10 @@ impl Maps {
 
     pub fn get_ban(&self, cidr: &Cidr) -> Result<Option<BanValue>, DataPathError> {
         let r = match (cidr.addr(), cidr.is_host()) {
-            (IpAddr::V4(a), true) => self.bans_v4.get(&a.octets(), 0),
+            (IpAddr::V4(a), true) => self
+                .bans_v4
+                .get(&a.octets(), 0)
+                .map(|v| table::merged(v, self.in_table(a.octets()))),
             (IpAddr::V6(a), true) => self.bans_v6.get(&a.octets(), 0),
             (IpAddr::V4(a), false) => self
                 .cidrs_v4
@@ -283,9 +302,13 @@ impl Maps {
         optional(r).map_err(err("read a ban"))
     }
 
+    /// Insert or replace a ban; `v.drops` is its whole count (what [`Maps::get_ban`] read).
     pub fn insert_ban(&mut self, cidr: &Cidr, v: &BanValue) -> Result<(), MapError> {
         match (cidr.addr(), cidr.is_host()) {
-            (IpAddr::V4(a), true) => self.bans_v4.insert(a.octets(), v, 0),
+            (IpAddr::V4(a), true) => {
+                self.bans_v4.insert(a.octets(), v, 0)?;
+                self.mirror_v4(std::iter::once((a.octets(), *v)))
+            }
             (IpAddr::V6(a), true) => self.bans_v6.insert(a.octets(), v, 0),
             (IpAddr::V4(a), false) => {
                 self.cidrs_v4
@@ -301,7 +324,14 @@ impl Maps {
     /// Whether an entry was removed.
     pub fn remove_ban(&mut self, cidr: &Cidr) -> Result<bool, DataPathError> {
         let r = match (cidr.addr(), cidr.is_host()) {
-            (IpAddr::V4(a), true) => self.bans_v4.remove(&a.octets()),
+            (IpAddr::V4(a), true) => {
+                // Out of the table first: a crash before the hash delete leaves the ban in
+                // BANS_V4, which the next open puts back, never a table slot without a ban.
+                if let Some(t) = &self.table_v4 {
+                    t.remove(a.octets());
+                }
+                self.bans_v4.remove(&a.octets())
+            }
             (IpAddr::V6(a), true) => self.bans_v6.remove(&a.octets()),
             (IpAddr::V4(a), false) => self
                 .cidrs_v4
@@ -318,12 +348,23 @@ impl Maps {
     /// Every ban, at most `limit` per map, handed to `f` a chunk at a time: a walk of a
     /// million bans holds one chunk, not a copy of the maps.
     pub fn each_ban(&self, limit: usize, f: &mut BanChunks<'_>) -> Result<(), DataPathError> {
+        let mut merged = Vec::new();
         host_chunks(
             &self.bans_v4,
             limit,
             "BANS_V4",
             &mut |k| Cidr::host(Ipv4Addr::from(k).into()),
-            f,
+            &mut |chunk| match &self.table_v4 {
+                None => f(chunk),
+                Some(t) => {
+                    merged.clear();
+                    merged.extend(chunk.iter().map(|(c, v)| match c.addr() {
+                        IpAddr::V4(a) => (*c, table::merged(*v, t.get(a.octets()))),
+                        IpAddr::V6(_) => (*c, *v),
+                    }));
+                    f(&merged)
+                }
+            },
         )?;
         host_chunks(
             &self.bans_v6,
@@ -343,6 +384,83 @@ impl Maps {
         }
         for c in nets.chunks(READ_CHUNK) {
             f(c)?;
+        }
+        Ok(())
+    }
+
+    /// The table's copy of the exact IPv4 ban of `addr`.
+    pub fn in_table(&self, addr: [u8; 4]) -> Option<BanValue> {
+        self.table_v4.as_ref()?.get(addr)
+    }
+
+    /// Put exact IPv4 bans just written to `BANS_V4` (each value's drops its whole count, now
+    /// in `BANS_V4`) in the table. A ban that finds no slot makes the program look `BANS_V4`
+    /// up again after a table miss, from now until the next open.
+    pub fn mirror_v4(
+        &mut self,
+        bans: impl IntoIterator<Item = ([u8; 4], BanValue)>,
+    ) -> Result<(), MapError> {
+        let Some(t) = &self.table_v4 else {
+            return Ok(());
+        };
+        let mut short = false;
+        for (a, v) in bans {
+            short |= t.put(a, &v, true).is_none();
+        }
+        if short {
+            self.table_is_short()?;
+        }
+        Ok(())
+    }
+
+    /// Some exact IPv4 ban is not in the table: clear `CFG_V4_TABLE`.
+    pub fn table_is_short(&mut self) -> Result<(), MapError> {
+        self.table_short = true;
+        let mut cfg = self.config.get(&0, 0)?;
+        if cfg.flags & CFG_V4_TABLE != 0 {
+            tracing::warn!(
+                "an exact IPv4 ban found no slot in BAN_TABLE_V4: the data plane also looks BANS_V4 up from now on"
+            );
+            cfg.flags &= !CFG_V4_TABLE;
+            self.config.set(0, cfg, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Release every slot whose ban `BANS_V4` no longer holds, and refresh the fields of the
+    /// others (their drops stay): one lookup per slot. Also clears `CFG_V4_TABLE`, since the
+    /// bans of another writer may be missing from the table.
+    pub fn sweep_table(&mut self) -> Result<(), DataPathError> {
+        let Some(t) = &self.table_v4 else {
+            return Ok(());
+        };
+        let (mut gone, mut kept) = (0u64, 0u64);
+        for (s, a) in t.occupied() {
+            match optional(self.bans_v4.get(&a, 0)).map_err(err("read a ban"))? {
+                None => {
+                    t.release(s);
+                    gone += 1;
+                }
+                Some(v) => {
+                    t.put(a, &table::merged(v, t.get(a)), false);
+                    kept += 1;
+                }
+            }
+        }
+        if gone + kept > 0 {
+            tracing::info!(gone, kept, "checked BAN_TABLE_V4 against BANS_V4");
+        }
+        self.table_is_short().map_err(err("write CONFIG"))?;
+        self.table_short = false;
+        Ok(())
+    }
+
+    /// Every exact IPv4 ban is in the table: set `CFG_V4_TABLE`.
+    pub fn table_is_whole(&mut self) -> Result<(), DataPathError> {
+        let mut cfg = self.config()?;
+        if cfg.flags & CFG_V4_TABLE == 0 {
+            cfg.flags |= CFG_V4_TABLE;
+            self.write_config(&cfg)?;
         }
         Ok(())
     }
@@ -456,6 +574,15 @@ impl Maps {
     /// the layout these maps were written in to `layout_version` (see `migrate`).
     pub fn copy_into(&self, dst: &mut Maps, layout_version: u32) -> Result<(), DataPathError> {
         super::migrate::copy(self, dst, layout_version)
+    }
+}
+
+fn ban_table(m: Map) -> Result<BanTable, DataPathError> {
+    match m {
+        Map::Array(d) => BanTable::new(d),
+        _ => Err(DataPathError::Other(
+            "BAN_TABLE_V4 is not an array map".into(),
+        )),
     }
 }
 

@@ -177,6 +177,8 @@ fn write_bans(
         };
     }
     batched(new.bans_v4.map().fd().as_fd(), &v4.0, &v4.1)?;
+    new.mirror_v4(v4.0.into_iter().zip(v4.1))
+        .map_err(|e| DataPathError::Other(format!("fill BAN_TABLE_V4: {e}")))?;
     batched(new.bans_v6.map().fd().as_fd(), &v6.0, &v6.1)
 }
 

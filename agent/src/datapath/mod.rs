@@ -46,6 +46,7 @@ mod prefilter;
 mod preserve;
 mod proxy;
 mod sys;
+pub mod table;
 
 use std::{net::IpAddr, os::fd::AsRawFd as _, path::PathBuf};
 
@@ -54,7 +55,7 @@ use wsguard_common::maps::{BanValue, BurstEvent, COUNTERS_LEN, Config, FlowKey, 
 use crate::{addr::Cidr, api::InterfaceJson};
 
 pub use batch::{LiveFlows, PutBansError, WriteStats};
-pub use loader::build_id;
+pub use loader::{BAN_MAPS, build_id};
 pub use pins::Layout;
 pub use proxy::{ProxyCounters, ProxyHeaderCounts, ProxySender, real_client};
 
@@ -163,9 +164,21 @@ impl DataPath {
         let (mut v4, mut v6, mut entries) = (0, 0, 0u64);
         let mut prefilter = prefilter::Prefilter::empty();
         let mut reflag = Vec::new();
+        // The table gets every exact IPv4 ban the walk meets (a crash between a BANS_V4 write
+        // and its table write left it out, or stale); slots the walk does not meet hold no ban.
+        let table = maps.table_v4.as_ref();
+        let mut met = vec![0u64; table.map_or(0, |t| t.slots().div_ceil(64))];
+        let mut short = false;
         maps.each_ban(opts.max_bans as usize + 1, &mut |chunk| {
             for (c, v) in chunk {
                 entries += 1;
+                if let (Some(t), IpAddr::V4(a), true) = (table, c.addr(), c.is_host()) {
+                    // The walk's value already counts the slot's drops: the slot keeps them.
+                    match t.put(a.octets(), v, false) {
+                        Some(s) => met[s.index() / 64] |= 1 << (s.index() % 64),
+                        None => short = true,
+                    }
+                }
                 if !c.is_host() {
                     if c.is_v4() {
                         v4 += 1;
@@ -181,6 +194,21 @@ impl DataPath {
             }
             Ok(())
         })?;
+        if let Some(t) = table {
+            for (s, _) in t
+                .occupied()
+                .filter(|(s, _)| met[s.index() / 64] & (1 << (s.index() % 64)) == 0)
+                .collect::<Vec<_>>()
+            {
+                t.release(s);
+            }
+        }
+        drop(met);
+        if short {
+            maps.table_is_short().map_err(maps::err("write CONFIG"))?;
+        } else if maps.table_v4.is_some() {
+            maps.table_is_whole()?;
+        }
         // A crash between a count update and the trie write leaves the count high; make it
         // exact again now that nobody else writes.
         let mut cfg = maps.config()?;

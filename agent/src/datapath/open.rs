@@ -110,6 +110,10 @@ pub fn open(opts: &DataPathOptions, hooks: &OpenHooks) -> Result<DataPath, DataP
         // Before this build's program reads the pinned host filter: another build may have
         // left it stale. The open refills it (`DataPath::assemble`).
         super::prefilter::clear_host_filter(maps.host_filter()?)?;
+        // Another build ran: if it knew no table, it changed BANS_V4 behind it, and this
+        // build's program probes the table first. Slots whose ban is gone go before the swap;
+        // the open's walk fixes the rest.
+        maps.sweep_table()?;
     }
 
     let map_ids = loader::PINNED_MAPS

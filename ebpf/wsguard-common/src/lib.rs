@@ -9,5 +9,6 @@ pub mod http;
 pub mod maps;
 pub mod proxy;
 pub mod rst;
+pub mod table;
 
 pub use http::{BadReason, Classification, Classifier, Verdict};

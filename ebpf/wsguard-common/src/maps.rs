@@ -28,6 +28,9 @@ pub mod names {
     /// The ban pre-filter ([`crate::filter`]). Optional: all zeros (fresh) means "look up".
     pub const BAN_FILTER: &str = "BAN_FILTER";
     pub const HOST_FILTER: &str = "HOST_FILTER";
+    pub const BAN_TABLE_V4: &str = "BAN_TABLE_V4";
+    /// The global holding `BAN_TABLE_V4`'s bucket bits.
+    pub const TABLE_BITS_V4: &str = "TABLE_BITS_V4";
     /// Trusted PROXY-protocol senders (layout 3), LPM tries like the allowlist's.
     pub const PROXY_FROM_V4: &str = "PROXY_FROM_V4";
     pub const PROXY_FROM_V6: &str = "PROXY_FROM_V6";
@@ -131,8 +134,13 @@ pub const CFG_PROXY_TRUST: u32 = 1 << 2;
 /// watched port looks its flow up (only while set). Owned by the data path (`cut_flows` sets
 /// it, `settle_cuts` clears it once no mark remains), kept across `set_config`.
 pub const CFG_CUT_PENDING: u32 = 1 << 3;
+/// `Config::flags`: every exact IPv4 ban is in `BAN_TABLE_V4` (see [`crate::table`]), so a
+/// miss there is a miss; without it the program looks `BANS_V4` up after a miss. Owned by the
+/// data path: cleared before the table can lack a ban, set once it holds them all.
+pub const CFG_V4_TABLE: u32 = 1 << 4;
 /// The `Config::flags` bits the data path owns.
-pub const CFG_DATAPATH_BITS: u32 = CFG_GENERATION | CFG_PROXY_TRUST | CFG_CUT_PENDING;
+pub const CFG_DATAPATH_BITS: u32 =
+    CFG_GENERATION | CFG_PROXY_TRUST | CFG_CUT_PENDING | CFG_V4_TABLE;
 
 /// Runtime settings, slot 0 of the `CONFIG` array. The agent rewrites it; no reload needed.
 #[repr(C)]
@@ -404,6 +412,8 @@ mod pod {
     unsafe impl aya::Pod for super::BurstEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProxySenderValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::table::BanBucket {}
 }
 
 #[cfg(test)]

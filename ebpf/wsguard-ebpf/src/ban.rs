@@ -7,16 +7,17 @@ use wsguard_common::{
     filter::{host_bit, host_slot, slot, v4_bit, v6_bit},
     maps::{
         BAN_HARD, BAN_MAY_PRESERVE, BAN_NOT_ALLOWLISTED, BAN_OBSERVE, BanValue, CFG_OBSERVE,
-        Config, Counter, FLOW_ESTABLISHED,
+        CFG_V4_TABLE, Config, Counter, FLOW_ESTABLISHED,
     },
+    table::{self, SLOTS},
 };
 
 use crate::{
     atomic::add_u64,
     clock::{coarse_now_ns, jiffies},
     maps::{
-        ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BANS_V4, BANS_V6, CONFIG,
-        CoarseClock, FLOWS, HOST_FILTER, HOT_BAN, HotBan, PORTS, V4_TAG,
+        ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BAN_TABLE_V4, BANS_V4, BANS_V6,
+        CONFIG, CoarseClock, FLOWS, HOST_FILTER, HOT_BAN, HotBan, PORTS, V4_TAG, table_bits_v4,
     },
     parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
     xdp::flow_key,
@@ -166,7 +167,13 @@ fn lookup_live(
     } else {
         // SAFETY: the caller guarantees 4 readable bytes.
         let src = unsafe { &*(src as *const [u8; 4]) };
-        live(BANS_V4.get_ptr_mut(src), &mut now, now_j, &mut hot.clock).or_else(|| {
+        let exact = in_table(table::key(*src)).or_else(|| {
+            if cfg.flags & CFG_V4_TABLE != 0 {
+                return None;
+            }
+            BANS_V4.get_ptr_mut(src)
+        });
+        live(exact, &mut now, now_j, &mut hot.clock).or_else(|| {
             if cfg.cidr_v4 == 0 {
                 return None;
             }
@@ -179,6 +186,30 @@ fn lookup_live(
             )
         })
     }
+}
+
+/// The slot of `key` in `BAN_TABLE_V4`: every slot of both buckets, no early stop at a free
+/// one (a freed slot leaves no tombstone; see `wsguard_common::table`).
+#[inline(always)]
+fn in_table(key: u32) -> Option<*mut BanValue> {
+    if key == table::FREE {
+        return None;
+    }
+    let bits = table_bits_v4();
+    for choice in 0..2 {
+        // A bucket past the end (a table smaller than its bits say) is a miss.
+        let Some(b) = BAN_TABLE_V4.get_ptr_mut(table::bucket(key, bits, choice)) else {
+            continue;
+        };
+        // SAFETY: a live map value; slots are claimed key last and freed key first.
+        let b = unsafe { &mut *b };
+        for i in 0..SLOTS {
+            if b.keys[i] == key {
+                return Some(&mut b.vals[i] as *mut BanValue);
+            }
+        }
+    }
+    None
 }
 
 /// How a live ban covers the real client a PROXY header named.

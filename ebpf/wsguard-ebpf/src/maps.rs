@@ -2,7 +2,7 @@
 //! (`--max-bans`) and pins the maps so bans and flows survive agent restarts.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -14,6 +14,7 @@ use wsguard_common::{
         ProxySenderValue, RateValue,
     },
     proxy::{Client, V1Parser},
+    table::{BanBucket, bucket_bits},
 };
 
 /// Default capacity of each ban map; the agent sets the real one from `--max-bans`.
@@ -39,6 +40,24 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_L
 #[map]
 pub static BANS_V4: HashMap<[u8; 4], BanValue> =
     HashMap::with_max_entries(DEFAULT_MAX_BANS, BPF_F_NO_PREALLOC);
+
+/// Bucket bits of `BAN_TABLE_V4`: the agent sets both from `--max-bans` at load time
+/// (`EbpfLoader::set_global`); read-only data, so the verifier turns each read into a constant.
+#[unsafe(no_mangle)]
+static TABLE_BITS_V4: u32 = bucket_bits(DEFAULT_MAX_BANS);
+
+#[inline(always)]
+pub fn table_bits_v4() -> u32 {
+    // SAFETY: a plain read of a static; volatile so that the value patched in at load time is
+    // read, not the default folded in at compile time.
+    unsafe { core::ptr::read_volatile(&TABLE_BITS_V4) }
+}
+
+/// The exact IPv4 bans again, probed inline (see `wsguard_common::table`). Mappable: the agent
+/// writes its slots in place, value first and key last.
+#[map]
+pub static BAN_TABLE_V4: Array<BanBucket> =
+    Array::with_max_entries(1 << bucket_bits(DEFAULT_MAX_BANS), BPF_F_MMAPABLE);
 
 #[map]
 pub static BANS_V6: HashMap<[u8; 16], BanValue> =

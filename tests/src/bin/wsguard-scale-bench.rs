@@ -6,7 +6,9 @@
 //! - list: `wsguard ban list -o json` from start to exit (stdout read and counted);
 //! - restart: SIGTERM, exit, start again with the pins kept, until the API answers;
 //! - agent RSS: the peak (VmHWM, reset through `/proc/PID/clear_refs` before each stage) and the
-//!   steady RSS after it; the kernel maps (`memlock` of the agent's map fds) separately.
+//!   steady RSS after it, both without the BPF map the agent maps (`BAN_TABLE_V4`, kernel
+//!   memory whose pages count in the agent's RSS too); the kernel maps (`memlock` of the
+//!   agent's map fds) separately.
 //!
 //! `WSGUARD_SCALE_CGROUP=1` runs the agent and the CLI in a memory cgroup of their own (cgroup
 //! v1, no limit; `WSGUARD_SCALE_CGROUP=384Mi` sets one) and prints the group's peak usage per
@@ -29,7 +31,7 @@ use std::{
 };
 use wsguard_tests::{
     cgroup::{
-        MemCgroup, Sampled, Sampler, map_memlock, parse_quantity, proc_status_kib as proc_kib,
+        MemCgroup, Sampled, Sampler, bpf_mapped_kib, map_memlock, parse_quantity, proc_status_kib,
     },
     netns::{BpfFs, VethLab},
 };
@@ -162,6 +164,13 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+}
+
+/// A `/proc/PID/status` figure without the mapped BPF maps (see [`bpf_mapped_kib`]): the
+/// agent's own memory. The mapping is made at the open and stays whole, so it is as much of
+/// the peak as of the current figure.
+fn proc_kib(pid: u32, field: &str) -> Result<u64> {
+    Ok(proc_status_kib(pid, field)?.saturating_sub(bpf_mapped_kib(pid)?))
 }
 
 fn reset_peak(pid: u32) -> Result<()> {
@@ -360,7 +369,8 @@ fn size(n: u32, wsguard: &Path, cgroup: Option<Option<u64>>) -> Result<()> {
     );
     println!(
         "{:>8}       agent RSS MiB: idle {:.0}, import peak {:.0}, steady {:.0}, list peak {:.0}, \
-         restart peak {:.0}, steady after restart {:.0}; kernel maps (memlock) {:.0} MiB",
+         restart peak {:.0}, steady after restart {:.0} (without {:.0} MiB of mapped \
+         BAN_TABLE_V4); kernel maps (memlock) {:.0} MiB",
         "",
         mib(idle),
         mib(import_peak),
@@ -368,6 +378,7 @@ fn size(n: u32, wsguard: &Path, cgroup: Option<Option<u64>>) -> Result<()> {
         mib(list_peak),
         mib(restart_peak),
         mib(after),
+        mib(bpf_mapped_kib(pid)?),
         maps as f64 / (1 << 20) as f64,
     );
     println!(

@@ -296,7 +296,7 @@ fn pin_dir_needs_bpffs() -> Result<()> {
 /// only ever for a source that is banned), nor does a failed removal.
 #[test]
 fn unbans_allow_entries_and_settings_move_the_generation() -> Result<()> {
-    use wsguard_common::maps::{CFG_GENERATION, CFG_GENERATION_ONE, CFG_OBSERVE};
+    use wsguard_common::maps::{CFG_GENERATION, CFG_GENERATION_ONE, CFG_OBSERVE, CFG_V4_TABLE};
     let lab = VethLab::new()?;
     let bpffs = BpfFs::new()?;
     let o = opts(&bpffs, &[&lab.if_a], 1000);
@@ -330,8 +330,9 @@ fn unbans_allow_entries_and_settings_move_the_generation() -> Result<()> {
     })?;
     let cfg = dp.config()?;
     ensure!(
-        cfg.flags & !CFG_GENERATION == CFG_OBSERVE
-            && cfg.flags & CFG_GENERATION == g2.wrapping_add(CFG_GENERATION_ONE),
+        cfg.flags & !(CFG_GENERATION | CFG_V4_TABLE) == CFG_OBSERVE
+            && cfg.flags & CFG_GENERATION == g2.wrapping_add(CFG_GENERATION_ONE)
+            && cfg.flags & CFG_V4_TABLE != 0,
         "settings: {:#x} after {g2:#x}",
         cfg.flags
     );

@@ -254,7 +254,12 @@ pub(crate) fn previous_agent(
 
 pub(crate) fn pinned_v4(o: &DataPathOptions, a: Ipv4Addr) -> Result<BanValue> {
     let m: HashMap<_, [u8; 4], BanValue> = HashMap::try_from(pinned_map(o, "BANS_V4")?)?;
-    Ok(m.get(&a.octets(), 0)?)
+    let v = m.get(&a.octets(), 0)?;
+    // With the drops the program counted in the table's copy (layouts from before it have none).
+    Ok(BanValue {
+        drops: pinned_drops(o, a)?,
+        ..v
+    })
 }
 
 pub(crate) fn pinned_v6(o: &DataPathOptions, a: Ipv6Addr) -> Result<BanValue> {

@@ -13,4 +13,5 @@ mod layout2;
 mod preserve;
 mod proxy;
 mod support;
+mod table;
 mod upgrade;

@@ -94,7 +94,16 @@ pub(crate) fn pinned_config(o: &DataPathOptions) -> Result<Config> {
 
 pub(crate) fn pinned_drops(o: &DataPathOptions, ip: Ipv4Addr) -> Result<u64> {
     let m: HashMap<_, [u8; 4], BanValue> = HashMap::try_from(pinned_map(o, "BANS_V4")?)?;
-    Ok(m.get(&ip.octets(), 0)?.drops)
+    let v = m.get(&ip.octets(), 0)?;
+    // The table's copy counts the drops the program found it for (none before a layout had it).
+    let table = pin(o, "maps").join("BAN_TABLE_V4");
+    let in_table = match table.exists() {
+        true => wsguard::datapath::table::BanTable::from_pin(&table)?
+            .get(ip.octets())
+            .map_or(0, |t| t.drops),
+        false => 0,
+    };
+    Ok(v.drops + in_table)
 }
 
 pub(crate) fn pinned_counter(o: &DataPathOptions, c: Counter) -> Result<u64> {

@@ -63,6 +63,16 @@ impl Bench {
             }
             bans.insert(exact(i), value, 0)?;
         }
+        // As the agent writes them: in the table too, which then holds every exact IPv4 ban.
+        let table = self.dp.table()?;
+        for i in from..n {
+            anyhow::ensure!(
+                table.put(exact(i), &value, true).is_some(),
+                "ban {i} found no slot in BAN_TABLE_V4"
+            );
+        }
+        drop(table);
+        self.dp.set_table_whole(true)?;
         let mut reference: HashMap<&mut MapData, [u8; 4], BanValue> = HashMap::try_from(
             self.dp
                 .ebpf

@@ -210,7 +210,7 @@ pub fn own_exact() -> Vec<Case> {
             setup: Some(|b| {
                 let mut v = ttl_ban();
                 v.flags |= BAN_MAY_PRESERVE;
-                b.dp.bans_v4()?.insert(bans::PRESERVING.octets(), v, 0)?;
+                b.dp.ban_tabled(bans::PRESERVING.octets(), v)?;
                 Ok(())
             }),
             before_call: None,
@@ -227,7 +227,7 @@ pub fn own_exact() -> Vec<Case> {
             setup: Some(|b| {
                 let mut v = ttl_ban();
                 v.flags = 0;
-                b.dp.bans_v4()?.insert(bans::UNCHECKED.octets(), v, 0)?;
+                b.dp.ban_tabled(bans::UNCHECKED.octets(), v)?;
                 Ok(())
             }),
             before_call: None,
