@@ -6,7 +6,10 @@
 use anyhow::{Result, ensure};
 use std::net::Ipv4Addr;
 use wsguard::datapath::{OpenHooks, table::BanTable};
-use wsguard_common::maps::{BanValue, CFG_V4_TABLE, Counter};
+use wsguard_common::{
+    maps::{BanValue, CFG_V4_TABLE, Counter},
+    table,
+};
 use wsguard_tests::netns::{BpfFs, VethLab};
 
 use crate::support::*;
@@ -103,21 +106,27 @@ fn bans_are_mirrored_counted_and_repaired_by_the_next_open() -> Result<()> {
 fn a_ban_without_a_slot_turns_the_table_bit_off() -> Result<()> {
     let lab = VethLab::new()?;
     let bpffs = BpfFs::new()?;
-    // 8 bans: two buckets of four slots; consecutive addresses do not all fit.
+    // 8 bans: four buckets of four slots. Five hosts whose two choices are both bucket 0
+    // cannot all have a slot.
     let o = opts(&bpffs, &[&lab.if_a], 8);
     let mut dp = open_in(&lab, &o, OpenHooks::default())?;
-    ensure!(table(&o)?.slots() == 8);
-    let mut short = false;
-    for i in 0..8 {
-        dp.put_ban(&cidr(&format!("{}/32", host(i))), &ban())?;
-        short |= table(&o)?.get(host(i).octets()).is_none();
+    let bits = table(&o)?.bits();
+    ensure!(table(&o)?.slots() == 16 && bits == table::bucket_bits(8));
+    let crowded: Vec<Ipv4Addr> = (0..1 << 16)
+        .map(host)
+        .filter(|a| {
+            let k = table::key(a.octets());
+            table::bucket(k, bits, 0) == 0 && table::bucket(k, bits, 1) == 0
+        })
+        .take(5)
+        .collect();
+    ensure!(crowded.len() == 5, "{crowded:?}");
+    for (i, a) in crowded.iter().enumerate() {
+        dp.put_ban(&cidr(&format!("{a}/32")), &ban())?;
+        ensure!(whole(&o)? == (i < 4), "after {} bans", i + 1);
     }
-    ensure!(short, "eight consecutive hosts filled both buckets of one");
-    ensure!(
-        !whole(&o)?,
-        "a ban in BANS_V4 only: the program must look it up"
-    );
-    ensure!(dp.bans()?.len() == 8);
+    ensure!(table(&o)?.get(crowded[4].octets()).is_none());
+    ensure!(dp.bans()?.len() == 5, "every ban is in BANS_V4");
     drop(dp);
     let dp = open_in(&lab, &o, OpenHooks::default())?;
     ensure!(!whole(&o)?, "still short after the open");
