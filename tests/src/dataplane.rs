@@ -130,15 +130,14 @@ impl DataPlane {
         self.set_config(&cfg)
     }
 
-    /// An exact IPv4 ban as the agent writes one: in `BANS_V4` and in the table (the pre-filter
-    /// and host filter are the caller's, as with [`DataPlane::ban`]).
+    /// An exact IPv4 ban as the agent writes one: in `BANS_V4` and in the table, or, without
+    /// a slot, with `CFG_V4_TABLE` cleared (the pre-filter and host filter are the caller's, as
+    /// with [`DataPlane::ban`]).
     pub fn ban_tabled(&mut self, addr: [u8; 4], value: BanValue) -> Result<()> {
         self.bans_v4()?.insert(addr, value, 0)?;
-        let t = self.table()?;
-        anyhow::ensure!(
-            t.put(addr, &value, true).is_some(),
-            "no slot for {addr:?} in BAN_TABLE_V4"
-        );
+        if self.table()?.put(addr, &value, true).is_none() {
+            self.set_table_whole(false)?;
+        }
         Ok(())
     }
 

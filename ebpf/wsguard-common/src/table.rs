@@ -37,19 +37,20 @@ pub struct BanBucket {
 /// The key of a free slot.
 pub const FREE: u32 = 0;
 
-/// Most bucket bits: 2^20 buckets, 4M slots (144 MiB), for up to 2M bans. Past that, bans
-/// overflow to `BANS_V4` more and more.
+/// Most bucket bits: 2^20 buckets, 4M slots (144 MiB). Past 4M bans, more and more overflow
+/// to `BANS_V4`.
 pub const MAX_BUCKET_BITS: u32 = 20;
 /// Fewest bucket bits: the shift in [`bucket`] stays below 32.
 pub const MIN_BUCKET_BITS: u32 = 1;
 
-/// Bucket bits for a cap of `max_bans` bans: two slots per ban, rounded up to a power of two.
-/// Two choices of four slots at half load or less leave almost no ban without a slot (6 of
-/// 1M random bans at a full default cap, none of 1M consecutive or evenly strided ones); at one
-/// slot per ban it would be about 6% of random bans.
+/// Bucket bits for a cap of `max_bans` bans: one slot per ban, rounded up to a power of two
+/// (36 MiB at the default 1M). Two choices of four slots leave almost no ban without a slot
+/// up to three quarters of that, and about 6% of random bans at a full cap (those live in
+/// `BANS_V4` only). Two slots per ban would leave almost none at a full cap, but its 72 MiB
+/// at 1M does not fit the DaemonSet's memory limit next to everything else.
 pub const fn bucket_bits(max_bans: u32) -> u32 {
     let mut bits = MIN_BUCKET_BITS;
-    while bits < MAX_BUCKET_BITS && ((SLOTS as u64) << bits) < 2 * max_bans as u64 {
+    while bits < MAX_BUCKET_BITS && ((SLOTS as u64) << bits) < max_bans as u64 {
         bits += 1;
     }
     bits
@@ -90,17 +91,17 @@ mod tests {
     fn bits_grow_with_the_cap_and_stay_in_range() {
         assert_eq!(bucket_bits(0), MIN_BUCKET_BITS);
         assert_eq!(bucket_bits(1), MIN_BUCKET_BITS);
-        assert_eq!(bucket_bits(4), 1);
-        assert_eq!(bucket_bits(5), 2);
-        assert_eq!(bucket_bits(1_000_000), 19);
-        assert_eq!(bucket_bits(1 << 20), 19);
-        assert_eq!(bucket_bits((1 << 20) + 1), 20);
+        assert_eq!(bucket_bits(8), 1);
+        assert_eq!(bucket_bits(9), 2);
+        assert_eq!(bucket_bits(1_000_000), 18);
+        assert_eq!(bucket_bits(1 << 20), 18);
+        assert_eq!(bucket_bits((1 << 20) + 1), 19);
         assert_eq!(bucket_bits(u32::MAX), MAX_BUCKET_BITS);
         for max in [1, 7, 1000, 65_536, 1_000_000, u32::MAX] {
             let bits = bucket_bits(max);
             assert!((MIN_BUCKET_BITS..=MAX_BUCKET_BITS).contains(&bits));
             if bits < MAX_BUCKET_BITS {
-                assert!((SLOTS as u64) << bits >= 2 * u64::from(max), "{max}");
+                assert!((SLOTS as u64) << bits >= u64::from(max), "{max}");
             }
         }
     }

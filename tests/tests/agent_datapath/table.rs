@@ -106,12 +106,12 @@ fn bans_are_mirrored_counted_and_repaired_by_the_next_open() -> Result<()> {
 fn a_ban_without_a_slot_turns_the_table_bit_off() -> Result<()> {
     let lab = VethLab::new()?;
     let bpffs = BpfFs::new()?;
-    // 8 bans: four buckets of four slots. Five hosts whose two choices are both bucket 0
+    // 8 bans: two buckets of four slots. Five hosts whose two choices are both bucket 0
     // cannot all have a slot.
     let o = opts(&bpffs, &[&lab.if_a], 8);
     let mut dp = open_in(&lab, &o, OpenHooks::default())?;
     let bits = table(&o)?.bits();
-    ensure!(table(&o)?.slots() == 16 && bits == table::bucket_bits(8));
+    ensure!(table(&o)?.slots() == 8 && bits == table::bucket_bits(8));
     let crowded: Vec<Ipv4Addr> = (0..1 << 16)
         .map(host)
         .filter(|a| {

@@ -58,6 +58,8 @@ pub struct Bench {
     pub dp: DataPlane,
     pub xdp_filter: XdpFilter,
     fds: BTreeMap<Prog, ProgramFd>,
+    /// Exact IPv4 bans written that found no slot in `BAN_TABLE_V4`.
+    pub no_slot: u32,
 }
 
 /// One case's samples, one per round: its floor and each of its programs.
@@ -92,6 +94,7 @@ impl Bench {
             dp,
             xdp_filter,
             fds,
+            no_slot: 0,
         })
     }
 
