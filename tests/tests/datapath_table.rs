@@ -139,3 +139,73 @@ fn an_expired_ban_in_the_table_passes() {
         "a repair keeps the count"
     );
 }
+
+/// The bench's split of the lookup path (`wsguard_bench_probe`, `_screened`, `_judged`, then
+/// `wsguard_bench_lookup`) measures what each step says it does: the probe drops whatever the
+/// table holds, the screen first believes the filters and counts the drop, the judgement adds
+/// expiry but no drop accounting, and the lookup adds the ban's count. A step that skipped its
+/// duties would be cheap and its row would prove nothing.
+#[test]
+fn the_bench_split_steps_do_what_they_say() {
+    let mut dp = DataPlane::load(&[PORT]).unwrap();
+    dp.fill_filter(false).unwrap();
+    let (live, expired, clean) = ([198, 18, 52, 1], [198, 18, 52, 3], [198, 18, 99, 1]);
+    let expired_ban = BanValue {
+        expires_ns: boot_ns() - 1,
+        ..ban()
+    };
+    for (addr, value) in [(live, ban()), (expired, expired_ban)] {
+        let a = std::net::Ipv4Addr::from(addr).to_string();
+        dp.ban(&a, 32, value).unwrap();
+        dp.table().unwrap().put(addr, &value, true).expect("a slot");
+    }
+    dp.set_table_whole(true).unwrap();
+    let run =
+        |dp: &mut DataPlane, prog: &str, src: [u8; 4]| dp.xdp_named(prog, &syn(src), 1).unwrap().0;
+    let steps = [
+        "wsguard_bench_probe",
+        "wsguard_bench_screened",
+        "wsguard_bench_judged",
+        "wsguard_bench_lookup",
+    ];
+    for prog in steps {
+        assert_eq!(run(&mut dp, prog, live), XDP_DROP, "{prog}: the live ban");
+        assert_eq!(
+            run(&mut dp, prog, clean),
+            XDP_PASS,
+            "{prog}: a clean source"
+        );
+    }
+    // Expiry is the judgement's: the probe and the screen still drop an expired ban's source.
+    for (prog, want) in [
+        ("wsguard_bench_probe", XDP_DROP),
+        ("wsguard_bench_screened", XDP_DROP),
+        ("wsguard_bench_judged", XDP_PASS),
+        ("wsguard_bench_lookup", XDP_PASS),
+    ] {
+        assert_eq!(run(&mut dp, prog, expired), want, "{prog}: the expired ban");
+    }
+    // The screen believes the pre-filter: with the live ban's bucket marked clean, it passes.
+    let bucket = u32::from_be_bytes(live) >> 8;
+    dp.set_filter_bit(bucket, false, true).unwrap();
+    assert_eq!(run(&mut dp, "wsguard_bench_probe", live), XDP_DROP);
+    assert_eq!(run(&mut dp, "wsguard_bench_screened", live), XDP_PASS);
+    dp.set_filter_bit(bucket, false, false).unwrap();
+    // Only the lookup counts the ban's drop; the screen counts the packet.
+    let drops = |dp: &mut DataPlane| dp.table().unwrap().get(live).unwrap().drops;
+    let before = drops(&mut dp);
+    for prog in [
+        "wsguard_bench_probe",
+        "wsguard_bench_screened",
+        "wsguard_bench_judged",
+    ] {
+        run(&mut dp, prog, live);
+    }
+    assert_eq!(
+        drops(&mut dp),
+        before,
+        "only the lookup step accounts the drop"
+    );
+    run(&mut dp, "wsguard_bench_lookup", live);
+    assert_eq!(drops(&mut dp), before + 1);
+}

@@ -74,9 +74,11 @@ pub fn held_drop(l3: &L3, cfg: &Config) -> bool {
 /// does not announce (a ban's own flags, expiry) reaches it at most one jiffy late, as expiry
 /// already does (see clock.rs). Everything else looks the ban up.
 ///
-/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path.
+/// `HOLD` false never uses a held verdict: the benchmark's measure of the lookup path. `COUNT`
+/// false leaves out the drop accounting (the ban's count, the CPU's hot source): the
+/// benchmark's split of that path into its duties.
 #[inline(always)]
-pub fn judge_unfiltered<const HOLD: bool>(
+pub fn judge_unfiltered<const HOLD: bool, const COUNT: bool>(
     ctx: &XdpContext,
     l3: &L3,
     cfg: &Config,
@@ -92,7 +94,7 @@ pub fn judge_unfiltered<const HOLD: bool>(
     }
     // SAFETY: map values live while the program runs; `drops` is only touched atomically.
     let ban = unsafe { &mut *lookup_live(l3.v6, l3.src, cfg, now_j, hot)? };
-    Some(judge_banned(ctx, l3, ban, cfg, now_j, src, hot))
+    Some(judge_banned::<COUNT>(ctx, l3, ban, cfg, now_j, src, hot))
 }
 
 /// The held verdict: an enforced ban, so drop unless the flow is preserved.
@@ -191,7 +193,7 @@ fn lookup_live(
 /// The slot of `key` in `BAN_TABLE_V4`: every slot of both buckets, no early stop at a free
 /// one (a freed slot leaves no tombstone; see `wsguard_common::table`).
 #[inline(always)]
-fn in_table(key: u32) -> Option<*mut BanValue> {
+pub fn in_table(key: u32) -> Option<*mut BanValue> {
     if key == table::FREE {
         return None;
     }
@@ -319,7 +321,7 @@ fn live(
 }
 
 #[inline(always)]
-fn judge_banned(
+fn judge_banned<const COUNT: bool>(
     ctx: &XdpContext,
     l3: &L3,
     ban: &mut BanValue,
@@ -337,7 +339,9 @@ fn judge_banned(
         return Banned::Pass(Counter::Preserved);
     }
     // Counted for observe bans too: "would have dropped" is what the operator wants to see.
-    count_drop(ban, !observe, cfg.flags, now_j, src, hot);
+    if COUNT {
+        count_drop(ban, !observe, cfg.flags, now_j, src, hot);
+    }
     if observe {
         Banned::Pass(Counter::WouldDrop)
     } else {

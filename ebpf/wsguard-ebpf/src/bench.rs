@@ -3,7 +3,8 @@
 //! blocklist must do), and the real program without its hot-source verdict, to measure the
 //! lookup path a repeated packet would skip. The agent loads only the programs it names, so these
 //! are never attached; their maps are created with every load of the object, so they are sized to
-//! cost nothing there (see `REF_BANS_V4`).
+//! cost nothing there (see `REF_BANS_V4`). The split of the lookup path into its duties
+//! (`wsguard_bench_probe`, `_screened`, `_judged`) says where its cost over the reference goes.
 
 use aya_ebpf::{
     bindings::{
@@ -14,13 +15,16 @@ use aya_ebpf::{
     maps::HashMap,
     programs::XdpContext,
 };
-use wsguard_common::maps::{BanValue, Counter};
+use wsguard_common::{
+    maps::{BanValue, Counter},
+    table,
+};
 
 use crate::{
-    ban::{Banned, host_clean, judge_unfiltered, proven_clean},
+    ban::{Banned, host_clean, in_table, judge_unfiltered, proven_clean},
     counters::{bump, count, slot},
     maps::CONFIG,
-    parse::{ETH_HLEN, Unparsed, parse_l3, ptr_at},
+    parse::{ETH_HLEN, L3, Unparsed, parse_l3, ptr_at},
 };
 
 /// The reference's ban maps: the kind, key, value and flags of `BANS_V4`/`BANS_V6`, so the one
@@ -101,11 +105,69 @@ pub fn wsguard_bench_pass(_ctx: XdpContext) -> u32 {
 /// never reaches the rest.)
 #[xdp]
 pub fn wsguard_bench_lookup(ctx: XdpContext) -> u32 {
-    try_lookup(&ctx).unwrap_or(XDP_PASS)
+    try_lookup::<true>(&ctx).unwrap_or(XDP_PASS)
+}
+
+/// The lookup path without its drop accounting (the ban's drop count, the CPU's hot source):
+/// the split's third step.
+#[xdp]
+pub fn wsguard_bench_judged(ctx: XdpContext) -> u32 {
+    try_lookup::<false>(&ctx).unwrap_or(XDP_PASS)
+}
+
+/// wsguard's parser and the inline probe of `BAN_TABLE_V4`, drop on a hit: the split's first
+/// step, what stands where the reference does its hash lookup.
+#[xdp]
+pub fn wsguard_bench_probe(ctx: XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
+    match parse_l3(&ctx, len) {
+        Ok(l3) if tabled(&l3) => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}
+
+/// The probe behind what the lookup path does first: the settings, the counter slots, the
+/// pre-filter and the host filter; the drop counted. The split's second step.
+#[xdp]
+pub fn wsguard_bench_screened(ctx: XdpContext) -> u32 {
+    try_screened(&ctx).unwrap_or(XDP_PASS)
 }
 
 #[inline(always)]
-fn try_lookup(ctx: &XdpContext) -> Result<u32, ()> {
+fn try_screened(ctx: &XdpContext) -> Result<u32, ()> {
+    let passed = slot(Counter::Passed);
+    let len = ctx.data_end() - ctx.data();
+    let Ok(l3) = parse_l3(ctx, len) else {
+        count(Counter::Unparsed);
+        return Ok(XDP_PASS);
+    };
+    let cfg = CONFIG.get(0).ok_or(())?;
+    if proven_clean(&l3) || host_clean(&l3, cfg) {
+        bump(passed);
+        return Ok(XDP_PASS);
+    }
+    let dropped = slot(Counter::Dropped);
+    if tabled(&l3) {
+        bump(dropped);
+        return Ok(XDP_DROP);
+    }
+    bump(passed);
+    Ok(XDP_PASS)
+}
+
+/// Whether the table holds this IPv4 source.
+#[inline(always)]
+fn tabled(l3: &L3) -> bool {
+    if l3.v6 {
+        return false;
+    }
+    // SAFETY: parse_l3 bounds-checked 4 address bytes for IPv4.
+    let src = unsafe { (l3.src as *const [u8; 4]).read_unaligned() };
+    in_table(table::key(src)).is_some()
+}
+
+#[inline(always)]
+fn try_lookup<const COUNT: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     // The counter slots as `wsguard_xdp` looks them up: `passed` first, `dropped` once the
     // filters could not clear the source.
     let passed = slot(Counter::Passed);
@@ -120,7 +182,7 @@ fn try_lookup(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(XDP_PASS);
     }
     let dropped = slot(Counter::Dropped);
-    match judge_unfiltered::<false>(ctx, &l3, cfg) {
+    match judge_unfiltered::<false, COUNT>(ctx, &l3, cfg) {
         Some(Banned::Drop) => {
             bump(dropped);
             Ok(XDP_DROP)

@@ -105,7 +105,7 @@ fn judge_source(ctx: *mut xdp_md, a: u64, b: u64, cfg: &Config) -> u64 {
     let Ok(l3) = L3::unpack(&ctx, a, b) else {
         return 0;
     };
-    match judge_unfiltered::<true>(&ctx, &l3, cfg) {
+    match judge_unfiltered::<true, true>(&ctx, &l3, cfg) {
         None => 0,
         Some(Banned::Drop) => DROPPED,
         Some(Banned::Pass(c)) => c as u64,

@@ -152,7 +152,7 @@ pub fn padded(mut req: Vec<u8>, len: usize) -> Vec<u8> {
 }
 
 /// Where wsguard's cost over the reference goes: the reference's lookup behind wsguard's
-/// parser, on the two packets whose ratios are tightest.
+/// parser, on the two packets whose ratios are tightest, and the banned one's lookup path in steps.
 pub fn decomposition() -> Vec<Case> {
     vec![
         Case {
@@ -161,7 +161,14 @@ pub fn decomposition() -> Vec<Case> {
                 .syn()
                 .build(),
             verdict: XDP_DROP,
-            progs: &[Prog::Reference, Prog::ReferenceParsed, Prog::WsguardLookup],
+            progs: &[
+                Prog::Reference,
+                Prog::ReferenceParsed,
+                Prog::Probe,
+                Prog::Screened,
+                Prog::Judged,
+                Prog::WsguardLookup,
+            ],
             target: None,
             setup: None,
             before_call: None,

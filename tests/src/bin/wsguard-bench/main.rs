@@ -86,6 +86,9 @@ impl Bench {
             (Prog::ReferenceParsed, "wsguard_bench_parsed"),
             (Prog::Wsguard, wsguard_common::maps::programs::XDP),
             (Prog::WsguardLookup, "wsguard_bench_lookup"),
+            (Prog::Probe, "wsguard_bench_probe"),
+            (Prog::Screened, "wsguard_bench_screened"),
+            (Prog::Judged, "wsguard_bench_judged"),
         ] {
             fds.insert(p, dp.program_fd(name)?);
         }
@@ -360,7 +363,9 @@ fn main() -> Result<()> {
     );
     table::print_own(
         "Where wsguard's cost over the reference goes (informational): the reference's one \
-         lookup behind wsguard's parser, next to the reference and wsguard",
+         lookup behind wsguard's parser, next to the reference and wsguard; for the banned \
+         source, the lookup path built up in steps (1) to (3), each with the duties of the one \
+         above and more, so the difference of two steps' work is what the added duties cost",
         &parts,
     );
     table::print_own(

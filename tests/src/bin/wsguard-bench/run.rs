@@ -24,6 +24,12 @@ pub enum Prog {
     Wsguard,
     /// `wsguard_bench_lookup`: the real drop path without the held verdict.
     WsguardLookup,
+    /// The split of the lookup path: wsguard's parser and the table probe
+    /// (`wsguard_bench_probe`), then what the path does before judging (`_screened`), then the
+    /// judgement without the drop accounting (`_judged`).
+    Probe,
+    Screened,
+    Judged,
     /// xdp-filter's program, as its CLI loaded it.
     XdpFilter,
 }
@@ -45,7 +51,14 @@ impl Prog {
             Self::ReferenceParsed => "reference behind wsguard's parser",
             Self::Wsguard if verdict == XDP_DROP => "wsguard, held verdict",
             Self::Wsguard => "wsguard",
-            Self::WsguardLookup if verdict == XDP_DROP => "wsguard, lookup",
+            Self::WsguardLookup if verdict == XDP_DROP => {
+                "wsguard, lookup = (3) + drop accounting: the ban's count, the CPU's hot source"
+            }
+            Self::Probe => "(1) wsguard's parser + the BAN_TABLE_V4 probe",
+            Self::Screened => "(2) = (1) + settings, counter slots, pre-filter, host filter",
+            Self::Judged => {
+                "(3) = (2) + the judgement: expiry, allowlist flag, observe mode, preserved flows"
+            }
             Self::WsguardLookup => "wsguard up to its ban verdict (wsguard_bench_lookup)",
             Self::XdpFilter => "xdp-filter",
         }
