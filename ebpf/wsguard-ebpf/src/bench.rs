@@ -105,14 +105,21 @@ pub fn wsguard_bench_pass(_ctx: XdpContext) -> u32 {
 /// never reaches the rest.)
 #[xdp]
 pub fn wsguard_bench_lookup(ctx: XdpContext) -> u32 {
-    try_lookup::<true>(&ctx).unwrap_or(XDP_PASS)
+    try_lookup::<true, true>(&ctx).unwrap_or(XDP_PASS)
 }
 
 /// The lookup path without its drop accounting (the ban's drop count, the CPU's hot source):
 /// the split's third step.
 #[xdp]
 pub fn wsguard_bench_judged(ctx: XdpContext) -> u32 {
-    try_lookup::<false>(&ctx).unwrap_or(XDP_PASS)
+    try_lookup::<true, false>(&ctx).unwrap_or(XDP_PASS)
+}
+
+/// The probe behind what the lookup path does first: the settings, the counter slots, the
+/// pre-filter and the host filter; the drop counted. The split's second step.
+#[xdp]
+pub fn wsguard_bench_screened(ctx: XdpContext) -> u32 {
+    try_lookup::<false, false>(&ctx).unwrap_or(XDP_PASS)
 }
 
 /// wsguard's parser and the inline probe of `BAN_TABLE_V4`, drop on a hit: the split's first
@@ -126,35 +133,6 @@ pub fn wsguard_bench_probe(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The probe behind what the lookup path does first: the settings, the counter slots, the
-/// pre-filter and the host filter; the drop counted. The split's second step.
-#[xdp]
-pub fn wsguard_bench_screened(ctx: XdpContext) -> u32 {
-    try_screened(&ctx).unwrap_or(XDP_PASS)
-}
-
-#[inline(always)]
-fn try_screened(ctx: &XdpContext) -> Result<u32, ()> {
-    let passed = slot(Counter::Passed);
-    let len = ctx.data_end() - ctx.data();
-    let Ok(l3) = parse_l3(ctx, len) else {
-        count(Counter::Unparsed);
-        return Ok(XDP_PASS);
-    };
-    let cfg = CONFIG.get(0).ok_or(())?;
-    if proven_clean(&l3) || host_clean(&l3, cfg) {
-        bump(passed);
-        return Ok(XDP_PASS);
-    }
-    let dropped = slot(Counter::Dropped);
-    if tabled(&l3) {
-        bump(dropped);
-        return Ok(XDP_DROP);
-    }
-    bump(passed);
-    Ok(XDP_PASS)
-}
-
 /// Whether the table holds this IPv4 source.
 #[inline(always)]
 fn tabled(l3: &L3) -> bool {
@@ -166,8 +144,10 @@ fn tabled(l3: &L3) -> bool {
     in_table(table::key(src)).is_some()
 }
 
+/// The lookup path's start as `wsguard_xdp` runs it, then the judgement (`JUDGE`, with its
+/// drop accounting if `COUNT`) or, for the screen step, the table probe alone.
 #[inline(always)]
-fn try_lookup<const COUNT: bool>(ctx: &XdpContext) -> Result<u32, ()> {
+fn try_lookup<const JUDGE: bool, const COUNT: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     // The counter slots as `wsguard_xdp` looks them up: `passed` first, `dropped` once the
     // filters could not clear the source.
     let passed = slot(Counter::Passed);
@@ -182,7 +162,12 @@ fn try_lookup<const COUNT: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(XDP_PASS);
     }
     let dropped = slot(Counter::Dropped);
-    match judge_unfiltered::<false, COUNT>(ctx, &l3, cfg) {
+    let verdict = if JUDGE {
+        judge_unfiltered::<false, COUNT>(ctx, &l3, cfg)
+    } else {
+        tabled(&l3).then_some(Banned::Drop)
+    };
+    match verdict {
         Some(Banned::Drop) => {
             bump(dropped);
             Ok(XDP_DROP)
