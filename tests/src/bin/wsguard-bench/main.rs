@@ -365,7 +365,9 @@ fn main() -> Result<()> {
         "Where wsguard's cost over the reference goes (informational): the reference's one \
          lookup behind wsguard's parser, next to the reference and wsguard; for the banned \
          source, the lookup path built up in steps (1) to (3), each with the duties of the one \
-         above and more, so the difference of two steps' work is what the added duties cost",
+         above and more, then \"wsguard, lookup\", which is (3) + the drop accounting (the \
+         ban's count, the CPU's hot source); the difference of two steps' work is what the added \
+         duties cost",
         &parts,
     );
     table::print_own(

@@ -51,9 +51,7 @@ impl Prog {
             Self::ReferenceParsed => "reference behind wsguard's parser",
             Self::Wsguard if verdict == XDP_DROP => "wsguard, held verdict",
             Self::Wsguard => "wsguard",
-            Self::WsguardLookup if verdict == XDP_DROP => {
-                "wsguard, lookup = (3) + drop accounting: the ban's count, the CPU's hot source"
-            }
+            Self::WsguardLookup if verdict == XDP_DROP => "wsguard, lookup",
             Self::Probe => "(1) wsguard's parser + the BAN_TABLE_V4 probe",
             Self::Screened => "(2) = (1) + settings, counter slots, pre-filter, host filter",
             Self::Judged => {
