@@ -361,6 +361,13 @@ impl DataPlane {
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        // An object from before the settings section (`WSGUARD_BENCH_OBJECT`) names the map
+        // as it is pinned.
+        let name = if self.ebpf.map(names::in_object(name)).is_some() {
+            names::in_object(name)
+        } else {
+            name
+        };
         self.ebpf
             .map_mut(name)
             .with_context(|| format!("map {name} missing from the object"))

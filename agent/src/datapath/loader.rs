@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{Array, Map, MapData, MapInfo},
     programs::{SchedClassifier, Xdp},
 };
 use wsguard_common::maps::{
@@ -66,10 +66,16 @@ pub fn load(map_dir: Option<&Path>, max_bans: u32) -> Result<Ebpf, DataPathError
     let mut loader = EbpfLoader::new();
     let bits = table::bucket_bits(max_bans);
     crate::bpf::size(&mut loader, max_bans, &bits);
+    let settings = map_dir.map(pinned_settings).transpose()?.flatten();
     if let Some(dir) = map_dir {
         for name in PINNED_MAPS {
-            loader.map_pin_path(name, dir.join(name));
+            loader.map_pin_path(names::in_object(name), dir.join(name));
         }
+    }
+    // The loader writes the settings section's value into its map, pinned or fresh: written
+    // back as they are, the running generation's settings stay what they were.
+    if let Some(cfg) = &settings {
+        loader.override_global(names::CONFIG, cfg, true);
     }
     let mut ebpf = loader
         .load(OBJECT)
@@ -86,6 +92,22 @@ pub fn load(map_dir: Option<&Path>, max_bans: u32) -> Result<Ebpf, DataPathError
         ))
     })?;
     Ok(ebpf)
+}
+
+/// The settings pinned in `dir`, if a `CONFIG` is pinned there.
+fn pinned_settings(dir: &Path) -> Result<Option<Config>, DataPathError> {
+    let path = dir.join(names::CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let read = || -> Result<Config, String> {
+        let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
+        let map = Array::<_, Config>::try_from(Map::Array(data)).map_err(|e| e.to_string())?;
+        map.get(&0, 0).map_err(|e| e.to_string())
+    };
+    read()
+        .map(Some)
+        .map_err(|e| DataPathError::Other(format!("read the pinned {}: {e}", path.display())))
 }
 
 pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DataPathError>

@@ -8,7 +8,7 @@
 use std::fs;
 
 use aya::maps::{Map, MapData, MapInfo};
-use wsguard_common::maps::{Config, LAYOUT_VERSION};
+use wsguard_common::maps::{Config, LAYOUT_VERSION, names};
 
 use super::{
     DataPath, DataPathError, DataPathOptions, OpenHooks,
@@ -26,7 +26,7 @@ fn other(msg: String) -> DataPathError {
 
 fn from_ebpf(ebpf: &mut aya::Ebpf) -> impl FnMut(&str) -> Result<Map, DataPathError> + '_ {
     |name| {
-        ebpf.take_map(name)
+        ebpf.take_map(names::in_object(name))
             .ok_or_else(|| other(format!("map {name} missing from the object")))
     }
 }

@@ -12,7 +12,12 @@ pub const PATH_LEN: usize = 64;
 
 /// Map names as they appear in the object file and under the pin directory.
 pub mod names {
+    /// The settings: the pin's name, and the name of the global the program reads them from.
     pub const CONFIG: &str = "CONFIG";
+    /// The object's name for the `CONFIG` map: the data section that holds the global. The
+    /// program reads it by address, without a lookup; the pin keeps its name (bpffs refuses
+    /// dots), and the map is the same one-entry array of a `Config` as before.
+    pub const CONFIG_SECTION: &str = ".data.config";
     pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const BANS_V4: &str = "BANS_V4";
@@ -36,6 +41,15 @@ pub mod names {
     pub const PROXY_FROM_V6: &str = "PROXY_FROM_V6";
     /// Senders of PROXY headers that were not believed (layout 3): LRU, for `status`.
     pub const PROXY_SENDERS: &str = "PROXY_SENDERS";
+
+    /// The object's name for the map pinned as `pinned`.
+    pub fn in_object(pinned: &str) -> &str {
+        if pinned == CONFIG {
+            CONFIG_SECTION
+        } else {
+            pinned
+        }
+    }
 }
 
 /// Program names in the object file.

@@ -17,7 +17,7 @@ use crate::{
     clock::{coarse_now_ns, jiffies},
     maps::{
         ALLOW_V4, ALLOW_V6, BAN_CIDRS_V4, BAN_CIDRS_V6, BAN_FILTER, BAN_TABLE_V4, BANS_V4, BANS_V6,
-        CONFIG, CoarseClock, FLOWS, HOST_FILTER, HOT_BAN, HotBan, PORTS, V4_TAG, table_bits_v4,
+        CoarseClock, FLOWS, HOST_FILTER, HOT_BAN, HotBan, PORTS, V4_TAG, config, table_bits_v4,
     },
     parse::{IPPROTO_TCP, L3, TCP_SYN, parse_tcp},
     xdp::flow_key,
@@ -240,9 +240,10 @@ pub fn scratch_client_ban() -> Option<ClientBan> {
 /// 1 enforced, 2 observed, 3 allowlisted.
 #[unsafe(no_mangle)]
 pub extern "C" fn wsguard_client_ban() -> u64 {
-    let (Some(s), Some(cfg)) = (crate::inspect::scratch(), CONFIG.get(0)) else {
+    let Some(s) = crate::inspect::scratch() else {
         return 0;
     };
+    let cfg = config();
     let v6 = s.client.v6;
     match client_ban(&s.client.addr, v6, cfg) {
         None => 0,
@@ -456,9 +457,7 @@ fn flush(hot: &mut HotBan) {
         &v4 as *const u32 as *const u8
     };
     let count = hot.count;
-    if let Some(cfg) = CONFIG.get(0)
-        && let Some(ban) = lookup_live(v6, p, cfg, jiffies(), hot)
-    {
+    if let Some(ban) = lookup_live(v6, p, config(), jiffies(), hot) {
         // SAFETY: `drops` is a u64 field of a live map value, naturally aligned.
         unsafe { add_u64(&mut (*ban).drops, count) };
     }

@@ -23,7 +23,7 @@ use wsguard_common::{
 use crate::{
     ban::{Banned, host_clean, in_table, judge_unfiltered, proven_clean},
     counters::{bump, count, slot},
-    maps::CONFIG,
+    maps::config,
     parse::{ETH_HLEN, L3, Unparsed, parse_l3, ptr_at},
 };
 
@@ -156,7 +156,7 @@ fn try_lookup<const JUDGE: bool, const COUNT: bool>(ctx: &XdpContext) -> Result<
         count(Counter::Unparsed);
         return Ok(XDP_PASS);
     };
-    let cfg = CONFIG.get(0).ok_or(())?;
+    let cfg = config();
     if proven_clean(&l3) || host_clean(&l3, cfg) {
         bump(passed);
         return Ok(XDP_PASS);

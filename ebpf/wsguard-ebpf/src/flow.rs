@@ -35,7 +35,7 @@ use crate::{
     clock::now_ns,
     counters::count,
     inspect::{V2_FIRST, charge, classify_loaded, load, may_start_request, scratch},
-    maps::{CONFIG, FLOWS, Scratch},
+    maps::{FLOWS, Scratch, config},
     parse::{L3, TCP_SYN, Tcp, parse_l3, parse_tcp},
     proxy::{self, Parsed},
     rst,
@@ -116,7 +116,7 @@ fn unpack(v: u64) -> Fate {
 fn reparse(ctx: &XdpContext) -> Option<(L3, Tcp, &'static Config)> {
     let l3 = parse_l3(ctx, ctx.data_end() - ctx.data()).ok()?;
     let tcp = parse_tcp(ctx, &l3).ok()?;
-    Some((l3, tcp, CONFIG.get(0)?))
+    Some((l3, tcp, config()))
 }
 
 /// A packet of a flow whose PROXY header was read (`flow` is its entry).

@@ -15,7 +15,7 @@ use wsguard_common::{
 use crate::{
     atomic::fetch_add_u32,
     counters::{count, count_at},
-    maps::{BURSTS, CONFIG, RATES, SCRATCH, Scratch},
+    maps::{BURSTS, RATES, SCRATCH, Scratch, config},
 };
 
 /// Can this payload start a request we judge, or the PROXY header before one? HTTP methods
@@ -84,9 +84,10 @@ pub fn classify_loaded(len: usize) -> Classification {
 /// is scalars, the context and map memory: they read `Scratch` and `CONFIG` themselves.
 #[unsafe(no_mangle)]
 pub extern "C" fn wsguard_classify(len: u64) -> u64 {
-    let (Some(s), Some(cfg)) = (scratch(), CONFIG.get(0)) else {
+    let Some(s) = scratch() else {
         return Verdict::Incomplete as u64 | 0xff00;
     };
+    let cfg = config();
     s.clf.reset();
     let mut lctx = LoopCtx { scratch: s };
     let n = if len > MAX_INSPECT as u64 {
@@ -118,9 +119,10 @@ pub fn charge(c: &Classification, port: u16, now: u64) {
 /// [`charge`] as a global function (see [`wsguard_classify`]).
 #[unsafe(no_mangle)]
 pub extern "C" fn wsguard_charge(code: u64, port: u64, now: u64) -> u64 {
-    let (Some(s), Some(cfg)) = (scratch(), CONFIG.get(0)) else {
+    let Some(s) = scratch() else {
         return 0;
     };
+    let cfg = config();
     let Some(verdict) = Verdict::from_u8(code as u8) else {
         return 0;
     };

@@ -1,6 +1,8 @@
 //! Every map of the data plane. Sizes here are defaults; the agent overrides them at load time
 //! (`--max-bans`) and pins the maps so bans and flows survive agent restarts.
 
+use core::cell::UnsafeCell;
+
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
@@ -25,8 +27,32 @@ const MAX_RATES: u32 = 65_536;
 const MAX_PROXY_FROM: u32 = 1024;
 const MAX_PROXY_SENDERS: u32 = 1024;
 
-#[map]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// The settings, in a data section of their own: the loader makes the section a one-entry
+/// array, which the agent pins as `CONFIG` (the same map an older build declares as
+/// `Array<Config>`), and patches its value's address into every read, so the program reads the
+/// settings with no map lookup. The loader writes the section's bytes into the map: zeros in a
+/// fresh map, as a fresh array has, and over a pinned one the agent passes the pinned value
+/// back in (`override_global`), so a load never resets what the running program reads.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.config")]
+static CONFIG: Settings = Settings(UnsafeCell::new(
+    // SAFETY: `Config` is integers and arrays of them; all zeros is a valid value.
+    unsafe { core::mem::zeroed() },
+));
+
+/// The settings' cell: written behind the program's back, so never constant to the compiler.
+#[repr(transparent)]
+pub struct Settings(UnsafeCell<Config>);
+
+// SAFETY: the program only reads it; the agent's writes are whole-value map updates.
+unsafe impl Sync for Settings {}
+
+/// The settings. Only the agent writes them, while the program runs.
+#[inline(always)]
+pub fn config() -> &'static Config {
+    // SAFETY: the static lives as long as the program, which never writes it.
+    unsafe { &*CONFIG.0.get() }
+}
 
 /// Indexed by TCP port (host order); non-zero = watched.
 #[map]

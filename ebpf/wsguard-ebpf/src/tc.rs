@@ -23,7 +23,7 @@ use crate::{
     ban::live_ban,
     counters::count,
     inspect::record_bad,
-    maps::{CONFIG, FLOWS, PORTS},
+    maps::{FLOWS, PORTS, config},
     parse::{IPPROTO_TCP, parse_l3, parse_tcp},
 };
 
@@ -107,7 +107,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     {
         // Bad requests were counted on ingress already; only count what looked valid there.
         count(Counter::HsBad);
-        let cfg = CONFIG.get(0).ok_or(())?;
+        let cfg = config();
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         record_bad(client, BadReason::ServerRejected, tcp.sport, cfg, now);
@@ -132,9 +132,7 @@ fn charged(flow: &FlowValue, key: &FlowKey) -> Option<[u8; 16]> {
 /// still in flight then.
 #[inline(always)]
 fn mark_preservable(client: &[u8; 16], first_seen_ns: u64) {
-    let Some(cfg) = CONFIG.get(0) else {
-        return;
-    };
+    let cfg = config();
     let v6 = !is_v4_mapped(client);
     let addr = if v6 {
         client.as_ptr()

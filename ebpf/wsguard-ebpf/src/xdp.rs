@@ -19,7 +19,7 @@ use crate::{
     counters::{bump, count, count_at, slot},
     flow::{on_packet, pack},
     inspect::{may_start_request, scratch},
-    maps::{CONFIG, FLOWS, PORTS},
+    maps::{FLOWS, PORTS, config},
     parse::{IPPROTO_TCP, L3, PROTO_MALFORMED, TCP_FIN, TCP_RST, Tcp, parse_l3, parse_tcp},
 };
 
@@ -43,7 +43,7 @@ fn try_wsguard_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         count(Counter::Unparsed);
         return Ok(XDP_PASS);
     };
-    let cfg = CONFIG.get(0).ok_or(())?;
+    let cfg = config();
     let mut action = Counter::Passed as u32;
     // Before the held verdict: the clean neighbours of a ban are many more than hot sources.
     if !proven_clean(&l3) && !host_clean(&l3, cfg) {

@@ -71,10 +71,17 @@ fn another_build_is_swapped_through_the_pinned_links_without_a_gap() -> Result<(
     let bpffs = BpfFs::new()?;
     let o = opts(&bpffs, &[&lab.if_a], 1000);
     let banned = Cidr::host(IpAddr::V4(lab.ip_b));
+    let settings = Config {
+        threshold: 9,
+        window_ns: 7_000_000_000,
+        ..Config::new()
+    };
     {
         let mut dp = open_in(&lab, &o, OpenHooks::default())?;
         dp.put_ban(&banned, &ban())?;
+        dp.set_config(&settings)?;
     }
+    let before = pinned_config(&o)?;
     let old = one_each(&lab)?;
     let (xdp_link, tc_link) = (
         link_info(&o, "links/wsg-a_xdp")?.0,
@@ -106,6 +113,17 @@ fn another_build_is_swapped_through_the_pinned_links_without_a_gap() -> Result<(
     ensure!(
         dp.bans()?.iter().any(|(c, _)| *c == banned),
         "ban lost in the upgrade"
+    );
+    // The load writes the settings section's bytes into the pinned map the old program reads:
+    // they must be the pinned settings, not the object's zeros.
+    let after = pinned_config(&o)?;
+    ensure!(
+        (after.threshold, after.window_ns) == (9, settings.window_ns),
+        "the swap reset the pinned settings: threshold {} -> {}, window {} -> {} ns",
+        before.threshold,
+        after.threshold,
+        before.window_ns,
+        after.window_ns
     );
     drop(dp);
 
