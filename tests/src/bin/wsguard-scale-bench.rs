@@ -1,6 +1,7 @@
 //! `cargo xtask bench`, scale part (issue 14): the release agent with its default `max_bans`
-//! (1M, maps preallocated) in a lab namespace, at 10k, 100k and 1M exact bans (addresses from a
-//! file, one reason). For each size it prints, asserting nothing:
+//! (1M: the flow, rate and table maps preallocated, the ban maps growing with the bans) in a lab
+//! namespace, at 10k, 100k and 1M exact bans (addresses from a file, one in ten IPv4 up to
+//! 65,536 of them and the rest IPv6, one reason). For each size it prints, asserting nothing:
 //! - import: `wsguard import FILE` from CLI start to exit, then how long until `state.json`
 //!   holds every ban;
 //! - list: `wsguard ban list -o json` from start to exit (stdout read and counted);
@@ -480,7 +481,11 @@ fn main() -> Result<()> {
         Ok(v) if v == "1" => Some(None),
         Ok(v) => Some(Some(parse_quantity(&v).context("WSGUARD_SCALE_CGROUP")?)),
     };
-    println!("agent with the default max_bans (1M, preallocated maps), exact bans from a file:");
+    println!(
+        "agent with the default max_bans (1M: flow, rate and table maps preallocated, ban maps \
+         growing with the bans), exact bans from a file (one in ten IPv4, at most 65536; the \
+         rest IPv6):"
+    );
     for n in sizes {
         size(n, &wsguard, cgroup)?;
     }
